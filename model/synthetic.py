@@ -1,0 +1,238 @@
+"""A deterministic two-class detection data set: triangles and five-pointed stars on real photos.
+
+No data set can be downloaded here, so the project makes its own. Each sample is a function of its seed alone.
+What makes it take real learning:
+
+- two shape classes (``triangle``, ``star``) drawn with the same colour distribution, so colour never separates
+  them; both are rotated, stretched (aspect ratio 0.6–1.6) and sized from 12 px to half the image;
+- distractors that are not objects (discs, ellipses, rectangles, strokes) drawn with the same colours;
+- several objects per image, partial occlusion (by later objects and distractors) and truncation at the borders;
+- backgrounds cropped from the photos and textures that scikit-image ships, or procedural noise;
+- Gaussian blur, sensor noise, brightness/contrast jitter and JPEG artefacts.
+
+A box is the tight box of the object's full polygon, clipped to the image; an object is kept only if at least
+half of its box is inside the image and at most 35% of its box is covered by what is drawn after it.
+
+Seed ranges (disjoint): training 0..N-1, validation 1_000_000.., held-out tests 2_000_000.. (see ``SPLITS``).
+
+CLI: ``python -m model.synthetic OUT_DIR --train N --val M [--size 320]`` writes an ultralytics data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASS_NAMES = ("triangle", "star")
+SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first seed of each split
+MIN_OBJECT_PX = 12
+MAX_OBJECT_FRACTION = 0.5
+MAX_COVERED_FRACTION = 0.35
+MIN_INSIDE_FRACTION = 0.5
+_PHOTOS = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+    "immunohistochemistry", "moon", "retina", "rocket", "text", "page", "clock",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A filled polygon; ``class_id`` is None for a distractor. ``vertices`` (k, 2) are (x, y) pixels."""
+
+    vertices: np.ndarray
+    class_id: int | None
+    fill: tuple[int, int, int]
+    outline: tuple[int, int, int] | None
+
+    def box(self, size: int) -> tuple[float, float, float, float]:
+        """Tight (x1, y1, x2, y2) of the polygon, clipped to the image."""
+        x1, y1 = np.clip(self.vertices.min(axis=0), 0, size)
+        x2, y2 = np.clip(self.vertices.max(axis=0), 0, size)
+        return float(x1), float(y1), float(x2), float(y2)
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = np.asarray(getattr(skimage.data, name)())
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    kind = rng.random()
+    if kind < 0.75:
+        photo = _photo(_PHOTOS[rng.integers(len(_PHOTOS))])
+        height, width = photo.shape[:2]
+        crop = int(rng.uniform(0.35, 1.0) * min(height, width))
+        top, left = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+        patch = photo[top : top + crop, left : left + crop]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        image = Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.3:
+            invert = rng.random() < 0.5
+            image = Image.fromarray(255 - np.asarray(image)) if invert else image.convert("L").convert("RGB")
+        return image
+    cells = int(rng.integers(2, 12))  # smooth random field: low-resolution noise, upsampled
+    noise = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+    return Image.fromarray(noise).resize((size, size), Image.BICUBIC)
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _polygon(rng: np.random.Generator, kind: str) -> np.ndarray:
+    """Unit-size outline (k, 2) centred at 0, extent about [-1, 1]."""
+    if kind == "triangle":
+        angles = np.array([90, 210, 330]) + rng.uniform(-12, 12, 3)
+        return np.stack([np.cos(np.radians(angles)), -np.sin(np.radians(angles))], axis=1)
+    if kind == "star":
+        inner = rng.uniform(0.38, 0.5)
+        angles = np.radians(90 + 36 * np.arange(10))
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, inner)
+        return np.stack([radii * np.cos(angles), -radii * np.sin(angles)], axis=1)
+    if kind == "rectangle":
+        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)
+    if kind == "stroke":
+        half = rng.uniform(0.04, 0.12)
+        return np.array([[-1, -half], [1, -half], [1, half], [-1, half]], dtype=float)
+    angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)  # disc or ellipse
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _place(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+    """Scale, stretch, rotate and translate a unit outline; the object's longer side is 12 px .. size / 2."""
+    outline = _polygon(rng, kind)
+    aspect = rng.uniform(0.6, 1.6) if kind != "stroke" else 1.0
+    outline = outline * np.array([aspect, 1 / aspect]) ** 0.5
+    angle = rng.uniform(0, 2 * math.pi)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    outline = outline @ rotation.T
+    extent = outline.max(axis=0) - outline.min(axis=0)
+    longest = math.exp(rng.uniform(math.log(MIN_OBJECT_PX), math.log(MAX_OBJECT_FRACTION * size)))
+    outline = outline * (longest / extent.max())
+    centre = rng.uniform(-0.15 * longest, size + 0.15 * longest, 2)
+    return outline + centre
+
+
+def _area(box: tuple[float, float, float, float]) -> float:
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    return _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+def scene(seed: int, size: int = 640) -> list[Shape]:
+    """The shapes of sample ``seed`` in drawing order (objects and distractors interleaved)."""
+    rng = np.random.default_rng(seed)
+    shapes: list[Shape] = []
+    wanted_objects, wanted_distractors = int(rng.integers(1, 9)), int(rng.integers(0, 6))
+    kinds = ["object"] * wanted_objects + ["distractor"] * wanted_distractors
+    rng.shuffle(kinds)
+    for kind in kinds:
+        for _attempt in range(20):
+            if kind == "object":
+                class_id = int(rng.integers(len(CLASS_NAMES)))
+                vertices = _place(rng, CLASS_NAMES[class_id], size)
+            else:
+                class_id = None
+                vertices = _place(rng, str(rng.choice(["disc", "rectangle", "stroke"])), size)
+            candidate = Shape(vertices, class_id, _colour(rng), _colour(rng) if rng.random() < 0.4 else None)
+            box = candidate.box(size)
+            full = vertices.min(axis=0).tolist() + vertices.max(axis=0).tolist()
+            if class_id is not None and _area(box) < MIN_INSIDE_FRACTION * _area(tuple(full)):
+                continue  # mostly outside the image
+            covers_too_much = any(
+                s.class_id is not None and _overlap(s.box(size), box) > MAX_COVERED_FRACTION * _area(s.box(size))
+                for s in shapes
+            )
+            if not covers_too_much:
+                shapes.append(candidate)
+                break
+    return shapes
+
+
+def draw_shape(canvas: ImageDraw.ImageDraw, shape: Shape) -> None:
+    points = [tuple(p) for p in shape.vertices.tolist()]
+    canvas.polygon(points, fill=shape.fill, outline=shape.outline, width=2 if shape.outline else 0)
+
+
+def render(seed: int, size: int = 640) -> tuple[np.ndarray, np.ndarray]:
+    """Render sample ``seed``.
+
+    Returns:
+        image: RGB uint8 array (size, size, 3).
+        boxes: float32 array (n, 5) of ``[class_id, x1, y1, x2, y2]`` in pixels.
+    """
+    rng = np.random.default_rng((seed, 1))  # appearance stream, independent of the layout stream
+    image = _background(rng, size)
+    shapes = scene(seed, size)
+    canvas = ImageDraw.Draw(image)
+    for shape in shapes:
+        draw_shape(canvas, shape)
+
+    if rng.random() < 0.7:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.2)))
+    pixels = np.asarray(image).astype(np.float32)
+    pixels = pixels * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)  # contrast, brightness
+    pixels += rng.normal(0, rng.uniform(0, 8), pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(rng.integers(35, 96)))
+    image = np.asarray(Image.open(buffer).convert("RGB"))
+
+    boxes = [(s.class_id, *s.box(size)) for s in shapes if s.class_id is not None]
+    return image, np.asarray(boxes, dtype=np.float32).reshape(-1, 5)
+
+
+def _xywh(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
+    return (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+
+
+def write_split(out_dir: Path, split: str, count: int, size: int) -> None:
+    images, labels = out_dir / "images" / split, out_dir / "labels" / split
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for seed in range(SPLITS[split], SPLITS[split] + count):
+        image, boxes = render(seed, size)
+        Image.fromarray(image).save(images / f"{seed:07d}.png")
+        rows = [f"{int(c)} " + " ".join(f"{v / size:.6f}" for v in _xywh(*box)) for c, *box in boxes]
+        (labels / f"{seed:07d}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
+
+
+def write_dataset(out_dir: Path, train: int, val: int, size: int = 640) -> Path:
+    """Write an ultralytics data set (PNG images, YOLO labels, ``data.yaml``); returns the yaml's path."""
+    out_dir = Path(out_dir).resolve()
+    write_split(out_dir, "train", train, size)
+    write_split(out_dir, "val", val, size)
+    data = {"path": str(out_dir), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
+    data_yaml = out_dir / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data_yaml
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--train", type=int, required=True, help="number of training images")
+    parser.add_argument("--val", type=int, required=True, help="number of validation images")
+    parser.add_argument("--size", type=int, default=640, help="image side in pixels")
+    args = parser.parse_args(argv)
+    print(write_dataset(args.out_dir, args.train, args.val, args.size))
+
+
+if __name__ == "__main__":
+    main()

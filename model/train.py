@@ -1,0 +1,113 @@
+"""Train a YOLOv10-AKConv config with ultralytics' trainer, then write the project's bundle.
+
+Works on any ultralytics data set yaml, the user's own included. Ultralytics does the rest: data loading and
+augmentation, the dual-assignment v10 loss, EMA, validation each epoch, ``last.pt``/``best.pt`` for resuming. The
+only change is where the model comes from: :func:`model.build.build_model` instead of ultralytics' parser alone.
+
+    python -m model train --config yolov10n-akconv --data data.yaml --imgsz 320 --epochs 40 --out model/weights/x
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ultralytics.models.yolo.detect import DetectionTrainer
+
+from model.akconv import Indexing
+from model.build import CONFIG_DIR, build_model
+from model.checkpoint import import_checkpoint, save_bundle
+
+
+class AKConvTrainer(DetectionTrainer):
+    """Ultralytics' detection trainer whose models come from :func:`model.build.build_model`."""
+
+    indexing: Indexing = "ij"
+
+    def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True):
+        # A resumed checkpoint carries its own geometry in model.yaml; a fresh run uses the trainer's.
+        indexing = cfg.get("akconv_indexing", self.indexing) if isinstance(cfg, dict) else self.indexing
+        model = build_model(cfg, nc=self.data["nc"], indexing=indexing, verbose=verbose)
+        model = self.set_model_names_for_load(model)
+        if weights:
+            model.load(weights)
+        return model
+
+
+def train(
+    config: str,
+    data: str | Path,
+    out_dir: Path,
+    *,
+    imgsz: int,
+    epochs: int,
+    batch: int = 16,
+    device: str = "cpu",
+    workers: int = 2,
+    indexing: Indexing = "ij",
+    project: Path = Path("runs/train"),
+    name: str = "akconv",
+    resume: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """Train, then write the bundle of the best epoch to ``out_dir``; returns ``out_dir``.
+
+    ``resume=True`` continues ``project/name/weights/last.pt``. ``overrides`` go to ultralytics as they are
+    (``lr0``, ``mosaic``, ``close_mosaic``, ...).
+    """
+    config_path = Path(config) if Path(config).exists() else CONFIG_DIR / f"{config}.yaml"
+    run_dir = Path(project).resolve() / name
+    args = {
+        "model": str(run_dir / "weights" / "last.pt") if resume else str(config_path),
+        "data": str(data),
+        "imgsz": imgsz,
+        "epochs": epochs,
+        "batch": batch,
+        "device": device,
+        "workers": workers,
+        "project": str(Path(project).resolve()),
+        "name": name,
+        "exist_ok": True,
+        "resume": resume,
+        "seed": seed,
+        "deterministic": True,
+        "plots": False,  # plotting fetches a font from the network
+        "amp": device != "cpu",
+        "pretrained": False,
+        **overrides,
+    }
+    started = time.monotonic()
+    trainer = AKConvTrainer(overrides=args)
+    trainer.indexing = indexing
+    trainer.train()
+    minutes = (time.monotonic() - started) / 60
+
+    best = Path(trainer.best if Path(trainer.best).exists() else trainer.last)
+    data_cfg = yaml.safe_load(Path(data).read_text())
+    provenance = {
+        "trained": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": config_path.name,
+        "data": {k: data_cfg.get(k) for k in ("path", "train", "val", "names")},
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "device": device,
+        "seed": seed,
+        "train_minutes": round(minutes, 1),
+        "overrides": overrides,
+        "val_metrics": {k: round(float(v), 4) for k, v in (trainer.metrics or {}).items()},
+    }
+    loaded = import_checkpoint(best)
+    save_bundle(
+        loaded.model,
+        out_dir,
+        name=config_path.stem,
+        version=dt.date.today().isoformat(),
+        input_size=imgsz,
+        provenance=provenance,
+    )
+    return out_dir
