@@ -126,8 +126,9 @@ class Detector(nn.Module):
     """The inference contract the service relies on, pinned once.
 
     Input: images (B, 3, H, W), RGB, float in [0, 1], H and W multiples of the model's largest stride (32).
-    Output: (B, max_det, 6) rows ``[x1, y1, x2, y2, score, class]`` in input pixels, sorted by score, from the
-    one-to-one head (no NMS); ``max_det`` is the head's (300).
+    Output: (B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in input pixels, sorted by score, from the
+    one-to-one head (no NMS); K = min(max_det, anchors), ``max_det`` being the head's (300). Anchors at input
+    H×W: (H·W / 64)·(1 + 1/4 + 1/16), 2100 at 320×320.
     """
 
     def __init__(self, model: DetectionModel) -> None:

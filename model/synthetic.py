@@ -53,10 +53,38 @@ class Shape:
     outline: tuple[int, int, int] | None
 
     def box(self, size: int) -> tuple[float, float, float, float]:
-        """Tight (x1, y1, x2, y2) of the polygon, clipped to the image."""
-        x1, y1 = np.clip(self.vertices.min(axis=0), 0, size)
-        x2, y2 = np.clip(self.vertices.max(axis=0), 0, size)
+        """Tight (x1, y1, x2, y2) of the part of the polygon inside the image; all zeros when none is."""
+        visible = _clip_to_square(self.vertices, size)
+        if not len(visible):
+            return 0.0, 0.0, 0.0, 0.0
+        (x1, y1), (x2, y2) = visible.min(axis=0), visible.max(axis=0)
         return float(x1), float(y1), float(x2), float(y2)
+
+
+def _clip_to_square(vertices: np.ndarray, size: int) -> np.ndarray:
+    """Sutherland-Hodgman clipping of a polygon (k, 2) to [0, size]²."""
+    polygon = [tuple(v) for v in vertices.tolist()]
+    for axis, bound, keep_above in ((0, 0, True), (0, size, False), (1, 0, True), (1, size, False)):
+
+        def inside(point, axis=axis, bound=bound, keep_above=keep_above):
+            return point[axis] >= bound if keep_above else point[axis] <= bound
+
+        def crossing(a, b, axis=axis, bound=bound):
+            t = (bound - a[axis]) / (b[axis] - a[axis])
+            return a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
+
+        clipped = []
+        for previous, current in zip(polygon[-1:] + polygon[:-1], polygon, strict=True):
+            if inside(current):
+                if not inside(previous):
+                    clipped.append(crossing(previous, current))
+                clipped.append(current)
+            elif inside(previous):
+                clipped.append(crossing(previous, current))
+        polygon = clipped
+        if not polygon:
+            break
+    return np.asarray(polygon, dtype=float).reshape(-1, 2)
 
 
 @functools.cache

@@ -61,13 +61,13 @@ def sample(x: np.ndarray, offset: np.ndarray, num_param: int, stride: int, index
     return out
 
 
-def akconv_forward(module, x):
+def akconv_forward(module, x, indexing=None):
     """Full forward of an AKConv-shaped module (p_conv, conv[0..2]) in float64 numpy, via the loop sampler."""
     import torch
 
     with torch.no_grad():
         offset = module.p_conv(x).double().numpy()
-        samples = sample(x.double().numpy(), offset, module.num_param, module.stride, module.indexing)
+        samples = sample(x.double().numpy(), offset, module.num_param, module.stride, indexing or module.indexing)
         mix = module.conv[0].weight.double().numpy()[..., 0]  # (c2, c1, N)
         mixed = np.einsum("ocn,bcnhw->bohw", mix, samples)
         if module.conv[0].bias is not None:

@@ -1,0 +1,49 @@
+"""``python -m service`` / ``akconv-serve``: run the detector under uvicorn, one process per device.
+
+Scale out with replicas, not ``--workers`` (each worker would hold its own model copy and queue). On SIGTERM
+readiness drops to 503 at once, new requests are refused, everything accepted is answered, then the process exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from service.app import create_app
+from service.config import settings_from_cli
+from service.logs import configure_logging
+
+STARTUP_FAILURE = 3
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, flipping the app to draining the moment a stop signal arrives."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        state = self.config.app.state.service
+        state.draining = True
+        state.set_ready(False)
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from_cli(sys.argv[1:] if argv is None else argv)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    server = DrainingServer(config)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

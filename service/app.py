@@ -1,0 +1,190 @@
+"""``create_app(settings)``: builds the FastAPI app: routers, error mapping, request observation, lifespan.
+
+Lifespan: load and warm up the engine (start-up fails loudly on a bad model), start the batcher, report ready.
+On shutdown: readiness goes to 503, the batcher answers everything queued, then the pools stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import BatchObserver, DynamicBatcher
+from service.config import Settings
+from service.engine import Engine
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.routes import BatchOutput, ServiceState, detect_router, ops_router
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _batch_runner(engine: Engine):
+    def run_batch(images: list) -> list[BatchOutput]:
+        started = time.monotonic()
+        rows = engine.infer(images)
+        seconds = time.monotonic() - started
+        return [BatchOutput(rows[i], len(images), seconds) for i in range(len(images))]
+
+    return run_batch
+
+
+def _observer(metrics: Metrics) -> BatchObserver:
+    def batch(size: int, seconds: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.inference_duration.observe(seconds)
+
+    return BatchObserver(
+        queue_depth=metrics.queue_depth.set,
+        queue_wait=metrics.queue_wait.observe,
+        batch=batch,
+        dropped=lambda reason: metrics.rejected.labels(reason).inc(),
+    )
+
+
+class ObserveRequests:
+    """Pure ASGI middleware: request id, arrival time, request metrics and one JSON access-log line per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrived = time.monotonic()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            seconds = time.monotonic() - arrived
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(seconds)
+            client = scope.get("client") or ("", 0)
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "endpoint": endpoint,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "client": client[0],
+                },
+            )
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The app for ``settings``; ``engine`` replaces the one built from settings (tests inject faults this way)."""
+    metrics = Metrics()
+    state = ServiceState(
+        settings=settings,
+        metrics=metrics,
+        decode_pool=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine = engine or await asyncio.to_thread(Engine, settings)
+        await asyncio.to_thread(state.engine.warm_up, settings.max_batch_size, settings.warmup_rounds)
+        state.batcher = DynamicBatcher(
+            run_batch=_batch_runner(state.engine),
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            observer=_observer(metrics),
+        )
+        state.batcher.start()
+        metrics.model_info.info(
+            {
+                "name": state.engine.name,
+                "version": state.engine.version,
+                "device": str(state.engine.device),
+                "dtype": str(state.engine.dtype).removeprefix("torch."),
+            }
+        )
+        state.set_ready(True)
+        log.info("ready", extra={"model": state.engine.name, "device": str(state.engine.device)})
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.set_ready(False)
+            await state.batcher.stop(drain=True)
+            state.decode_pool.shutdown(wait=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="AKConv detector",
+        summary="YOLOv10-AKConv object detection with dynamic batching",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.include_router(detect_router)
+    app.include_router(ops_router)
+    app.add_middleware(ObserveRequests, metrics=metrics)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        if error.rejection:
+            metrics.rejected.labels(error.rejection).inc()
+        return _error(error.status, error.code, error.message, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("bad_input").inc()
+        problems = "; ".join(_describe(problem) for problem in error.errors())
+        return _error(400, "bad_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
+        return _error(500, "internal_error", "internal server error")
+
+    return app
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("query", "body"))
+    return f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid"))

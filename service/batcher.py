@@ -1,0 +1,197 @@
+"""Dynamic batching: an asyncio queue in front of one inference thread. Knows nothing of images or models.
+
+A batch closes when it holds ``max_batch_size`` items or when its oldest item has waited ``max_wait_s``.
+``run_batch`` (a plain function) runs in a single worker thread so the event loop never blocks. Guarantees:
+
+- bounded: :meth:`submit` refuses at once with :class:`QueueFull` (and a Retry-After) when the queue is full;
+- deadlines: an item whose deadline passes while queued is dropped before compute (:class:`DeadlineExceeded`);
+- client gone: a cancelled :meth:`submit` (the client disconnected) drops its item before compute;
+- nothing accepted is left hanging: a failing batch fails each of its items with :class:`InferenceFailed`,
+  and the worker goes on; :meth:`stop` answers whatever is still queued after draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass
+class Pending(Generic[Item]):
+    """One queued item and the future its caller awaits."""
+
+    item: Item
+    future: asyncio.Future
+    enqueued_at: float
+    deadline: float
+    started: bool = False
+    abandoned: bool = False  # the caller stopped waiting (deadline or disconnect): skip it
+
+
+@dataclass
+class BatchObserver:
+    """Hooks for metrics; the batcher itself imports no metrics library."""
+
+    queue_depth: Callable[[int], None] = lambda depth: None
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    batch: Callable[[int, float], None] = lambda size, seconds: None
+    dropped: Callable[[str], None] = lambda reason: None
+
+
+@dataclass
+class DynamicBatcher(Generic[Item, Result]):
+    run_batch: Callable[[list[Item]], Sequence[Result]]
+    max_batch_size: int
+    max_wait_s: float
+    max_queue: int
+    observer: BatchObserver = field(default_factory=BatchObserver)
+    _queue: collections.deque = field(default_factory=collections.deque, init=False)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _worker: asyncio.Task | None = field(default=None, init=False)
+    _executor: ThreadPoolExecutor | None = field(default=None, init=False)
+    _batch_seconds: float = field(default=0.1, init=False)  # moving average of a batch's run time
+    _accepting: bool = field(default=False, init=False)
+    _running: int = field(default=0, init=False)
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._accepting = True
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new items; with ``drain``, run everything queued first. Every caller gets an answer."""
+        self._accepting = False
+        if drain:
+            while self._queue or self._running:
+                await asyncio.sleep(0.01)
+        if self._worker:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        while self._queue:
+            self._resolve(self._queue.popleft(), error=NotReady("the server is shutting down"))
+        if self._executor:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after_seconds(self) -> int:
+        """How long until the queue has room again: queued batches times the measured batch time."""
+        batches = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    async def submit(self, item: Item, deadline: float) -> Result:
+        """Queue ``item`` and wait for its result. ``deadline`` is a ``time.monotonic()`` value."""
+        if not self._accepting:
+            raise NotReady("the server is not accepting requests")
+        if len(self._queue) >= self.max_queue:
+            self.observer.dropped("queue_full")
+            retry = self.retry_after_seconds()
+            raise QueueFull(f"the queue is full ({self.max_queue}); retry in {retry} s", {"Retry-After": str(retry)})
+        now = time.monotonic()
+        pending = Pending(item, asyncio.get_running_loop().create_future(), now, deadline)
+        self._queue.append(pending)
+        self.observer.queue_depth(len(self._queue))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(deadline - now, 0))
+        except TimeoutError:
+            if pending.started:  # compute already spent: deliver the answer, late
+                return await pending.future
+            pending.abandoned = True
+            self.observer.dropped("deadline")
+            raise DeadlineExceeded("the request waited past its deadline in the queue") from None
+        except asyncio.CancelledError:
+            if not pending.started:
+                pending.abandoned = True
+                self.observer.dropped("client_gone")
+            raise
+
+    async def _next_batch(self) -> list[Pending]:
+        """Wait for the first live item, then until the batch is full or its oldest item has waited max_wait."""
+        while True:
+            self._discard_abandoned()
+            if self._queue:
+                break
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        close_at = self._queue[0].enqueued_at + self.max_wait_s
+        while len(self._queue) < self.max_batch_size and (remaining := close_at - time.monotonic()) > 0:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                break
+            self._discard_abandoned()
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if not pending.abandoned:
+                batch.append(pending)
+        self.observer.queue_depth(len(self._queue))
+        return batch
+
+    def _discard_abandoned(self) -> None:
+        """Drop items whose caller has gone, and fail items already past their deadline (before compute)."""
+        now = time.monotonic()
+        kept = collections.deque()
+        for pending in self._queue:
+            if pending.abandoned:
+                continue
+            if now >= pending.deadline:
+                pending.abandoned = True
+                continue  # its submit() times out and answers 504
+            kept.append(pending)
+        self._queue = kept
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            started = time.monotonic()
+            for pending in batch:
+                pending.started = True
+                self.observer.queue_wait(started - pending.enqueued_at)
+            self._running = len(batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+            except Exception as error:  # noqa: BLE001  (the worker must survive any batch)
+                log.exception("inference batch failed", extra={"batch_size": len(batch)})
+                for pending in batch:
+                    self._resolve(pending, error=InferenceFailed(f"inference failed: {type(error).__name__}"))
+            else:
+                for pending, result in zip(batch, results, strict=True):
+                    self._resolve(pending, result=result)
+            finally:
+                self._running = 0
+            seconds = time.monotonic() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            self.observer.batch(len(batch), seconds)
+
+    @staticmethod
+    def _resolve(pending: Pending, result: Any = None, error: Exception | None = None) -> None:
+        if pending.future.done():
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(result)

@@ -1,0 +1,87 @@
+"""Every knob of the service, in one class: environment variables ``DETECTOR_*`` and matching CLI flags.
+
+Precedence: CLI flag > environment variable > default. ``DETECTOR_MAX_BATCH_SIZE=16`` and ``--max-batch-size 16``
+set the same field. Nothing else in the service reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    """Service settings; validated at start-up, so a bad value stops the process with a message."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DETECTOR_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="akconv-serve",
+        extra="forbid",
+    )
+
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=1, le=65535)
+    model_path: Path | None = Field(None, description="bundle directory or ultralytics .pt; default: bundled model")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N; auto picks cuda when present")
+    half: bool | None = Field(None, description="fp16 inference; default: on for CUDA, off on CPU")
+    input_size: int | None = Field(None, ge=32, le=2048, description="square model input; default: the model's")
+    max_batch_size: int = Field(8, ge=1, le=64)
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch waits to fill, from its oldest")
+    max_queue: int = Field(64, ge=1, description="requests waiting for inference beyond this are refused with 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; queued past it -> 504")
+    default_conf: float = Field(0.25, ge=0, le=1)
+    max_detections: int = Field(100, ge=1, le=300, description="default and upper bound of max_det")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (422 beyond)")
+    max_batch_files: int = Field(16, ge=1, le=64, description="files in one /detect/batch request")
+    intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
+    api_key: SecretStr | None = Field(None, description="when set, requests need X-API-Key or a Bearer token")
+    warmup_rounds: int = Field(1, ge=0, le=20, description="warm-up forwards at each batch size before ready")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _multiple_of_stride(cls, value: int | None) -> int | None:
+        if value is not None and value % 32:
+            raise ValueError(f"input_size must be a multiple of 32 (the model's largest stride), got {value}")
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"model_path {value} does not exist; set DETECTOR_MODEL_PATH or --model-path")
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        """The effective settings with secrets masked, for ``GET /v1/config``."""
+        values = self.model_dump(mode="json")
+        values["api_key"] = "********" if self.api_key else None
+        return values
+
+
+def settings_from_cli(argv: list[str]) -> Settings:
+    """Settings from CLI flags over the environment (``--help`` lists every flag)."""
+    return Settings(_cli_parse_args=argv)

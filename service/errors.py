@@ -1,0 +1,63 @@
+"""Typed errors of the service. Each carries its HTTP status and a stable error code; ``app.py`` maps them to
+``{"error": {"code", "message"}}`` responses in one handler."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: ``status`` and ``code`` are fixed per subclass, ``message`` is for people."""
+
+    status = 500
+    code = "internal_error"
+    rejection: str | None = None  # reason label of detector_rejected_total, if this error is a rejection
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, code, rejection = 400, "bad_request", "bad_input"
+
+
+class Unauthorized(ServiceError):
+    status, code, rejection = 401, "unauthorized", "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, rejection = 413, "payload_too_large", "too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code, rejection = 415, "unsupported_media_type", "bad_input"
+
+
+class UndecodableImage(ServiceError):
+    status, code, rejection = 422, "undecodable_image", "bad_input"
+
+
+class TooManyPixels(ServiceError):
+    status, code, rejection = 422, "too_many_pixels", "too_large"
+
+
+class QueueFull(ServiceError):
+    status, code, rejection = 503, "queue_full", "queue_full"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code, rejection = 504, "deadline_exceeded", "deadline"
+
+
+class ClientGone(ServiceError):
+    """The client disconnected while its request was queued; nobody receives this response."""
+
+    status, code, rejection = 499, "client_gone", "client_gone"
+
+
+class InferenceFailed(ServiceError):
+    status, code = 500, "inference_failed"

@@ -1,0 +1,106 @@
+"""Image decoding and letterboxing: pure functions, no web framework, no model.
+
+``decode`` turns uploaded bytes into an upright RGB uint8 array; ``letterbox`` fits it into the model's square
+input the way ultralytics does (aspect kept, centred, grey 114 padding); ``unletterbox_boxes`` maps boxes back.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+PAD_VALUE = 114  # ultralytics' letterbox grey, what the model saw in training
+
+Image.MAX_IMAGE_PIXELS = None  # the service checks its own pixel limit before decoding; see decode()
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an image of ``width`` × ``height`` pixels was fitted into the model input: scaled, then padded."""
+
+    width: int
+    height: int
+    scale: float
+    pad_x: float
+    pad_y: float
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode an uploaded image to an upright RGB array.
+
+    JPEG, PNG, WebP, BMP and TIFF; the EXIF orientation is applied; grayscale, RGBA, palette, 16-bit and CMYK are
+    converted to RGB. The pixel limit is checked from the header, before any pixel is decoded.
+
+    Returns:
+        uint8 array (H, W, 3).
+
+    Raises:
+        UnsupportedMediaType: not an image in a supported format.
+        TooManyPixels: width × height above ``max_pixels``.
+        UndecodableImage: a supported format that fails to decode (truncated, corrupt).
+    """
+    if not data:
+        raise UndecodableImage("the request body is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF)") from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedMediaType(f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, TIFF)")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooManyPixels(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still usable
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UndecodableImage(f"the image could not be decoded: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: rescale, don't clip
+        pixels = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        gray = np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """Resize ``image`` (H, W, 3) to fit ``size``×``size`` keeping its aspect, pad centred with grey 114.
+
+    Returns:
+        (tensor, geometry): uint8 tensor (3, size, size) RGB, and the :class:`Letterbox` to map boxes back.
+    """
+    height, width = image.shape[:2]
+    scale = min(size / height, size / width)
+    new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
+    if (new_w, new_h) != (width, height):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad_x, pad_y = (size - new_w) / 2, (size - new_h) / 2
+    left, top = round(pad_x - 0.1), round(pad_y - 0.1)  # ultralytics' rounding of odd padding
+    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    canvas[top : top + new_h, left : left + new_w] = image
+    tensor = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
+    return tensor, Letterbox(width, height, scale, float(left), float(top))
+
+
+def unletterbox_boxes(boxes: np.ndarray, geometry: Letterbox) -> np.ndarray:
+    """Map (n, 4) ``[x1, y1, x2, y2]`` boxes from model-input pixels to original-image pixels, clipped."""
+    mapped = (boxes - [geometry.pad_x, geometry.pad_y, geometry.pad_x, geometry.pad_y]) / geometry.scale
+    mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, geometry.width)
+    mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, geometry.height)
+    return mapped

@@ -1,0 +1,62 @@
+"""Every Prometheus metric of the service, defined once. Names and labels are fixed: dashboards and alerts use
+them. Each :class:`Metrics` owns its registry, so several apps (tests) can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# From sub-millisecond GPU batches to multi-second CPU queues (seconds).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+disable_created_metrics()  # no *_created series: dashboards don't use them and they double the exposition
+
+REJECTION_REASONS = ("queue_full", "deadline", "client_gone", "too_large", "bad_input", "unauthorized")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "detector_requests", "HTTP requests answered", ["endpoint", "status"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "detector_request_duration_seconds", "Request latency, arrival to response", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "detector_queue_wait_seconds", "Time an image waited in the batch queue", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.preprocess_duration = Histogram(
+            "detector_preprocess_duration_seconds", "Decode and letterbox time per image", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "detector_inference_duration_seconds", "Model time per batch (transfer, forward, copy back)",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "detector_batch_size", "Images per inference batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.queue_depth = Gauge("detector_queue_depth", "Images waiting for inference", registry=registry)
+        self.inflight = Gauge("detector_inflight_requests", "Detection requests being handled", registry=registry)
+        self.ready = Gauge("detector_ready", "1 when warmed up and not draining", registry=registry)
+        self.rejected = Counter(
+            "detector_rejected", "Requests refused or dropped, by reason", ["reason"], registry=registry
+        )
+        self.detections = Counter(
+            "detector_detections", "Detections returned, by class", ["class_name"], registry=registry
+        )
+        self.model_info = Info("detector_model", "The served model", registry=registry)
+        self.gpu_memory = Gauge("detector_gpu_memory_bytes", "CUDA memory of this process", ["kind"], registry=registry)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)  # export zeros, so rate() works before the first rejection
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,340 @@
+"""HTTP routes: detection, model and config info, health, metrics. No batching or model logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+import torch
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from service.batcher import DynamicBatcher
+from service.config import Settings
+from service.engine import Engine
+from service.errors import (
+    BadRequest,
+    ClientGone,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.images import Letterbox, decode, letterbox
+from service.metrics import Metrics
+from service.schemas import (
+    BatchDetectResponse,
+    DetectResponse,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+)
+
+T = TypeVar("T")
+
+
+@dataclass
+class BatchOutput:
+    """What the batcher hands back for one image: its rows and the batch it ran in."""
+
+    rows: torch.Tensor  # (K, 6), see service.engine
+    batch_size: int
+    inference_seconds: float
+
+
+@dataclass
+class ServiceState:
+    """The long-lived objects of one app, built in its lifespan and kept on ``app.state.service``."""
+
+    settings: Settings
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    engine: Engine | None = None
+    batcher: DynamicBatcher[torch.Tensor, BatchOutput] | None = None
+    ready: bool = False
+    draining: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready and not self.draining else 0)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """With an API key configured: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` is required."""
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key") or ""
+    authorization = request.headers.get("authorization", "")
+    if not given and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("a valid API key is required (X-API-Key header or Authorization: Bearer)")
+
+
+def ready_state(state: StateDep) -> ServiceState:
+    if not state.ready or state.draining or state.engine is None or state.batcher is None:
+        raise NotReady("the model is not ready (warming up or draining)", {"Retry-After": "1"})
+    return state
+
+
+ReadyDep = Annotated[ServiceState, Depends(ready_state)]
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}},
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                },
+            }
+        },
+    }
+}
+
+detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detection"])
+ops_router = APIRouter(tags=["operations"])
+
+
+@dataclass(frozen=True)
+class DetectQuery:
+    conf: float
+    max_det: int
+    classes: set[int] | None
+
+
+def detect_query(
+    state: StateDep,
+    conf: Annotated[float | None, Query(ge=0, le=1, description="minimum confidence; default from settings")] = None,
+    max_det: Annotated[int | None, Query(ge=1, le=300, description="most detections per image")] = None,
+    classes: Annotated[str | None, Query(description="comma-separated class ids or names", examples=["star"])] = None,
+) -> DetectQuery:
+    selected = None
+    if classes:
+        names = state.engine.names if state.engine else []
+        selected = set()
+        for token in (t.strip() for t in classes.split(",") if t.strip()):
+            if token.isdigit() and int(token) < len(names):
+                selected.add(int(token))
+            elif token in names:
+                selected.add(names.index(token))
+            else:
+                raise BadRequest(f"unknown class {token!r}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
+    return DetectQuery(
+        conf=state.settings.default_conf if conf is None else conf,
+        max_det=state.settings.max_detections if max_det is None else max_det,
+        classes=selected,
+    )
+
+
+QueryDep = Annotated[DetectQuery, Depends(detect_query)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes, more than the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def uploaded_images(request: Request, body: bytes, field_name: str, max_files: int) -> list[bytes]:
+    """Images of a multipart ``field_name`` field, or the raw body when its content type is ``image/*``."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("image/"):
+        return [body]
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedMediaType(
+            f"send multipart/form-data with a '{field_name}' field, or a raw body with an image/* content type"
+        )
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files)
+    except MultiPartException as error:
+        raise BadRequest(f"malformed multipart body: {error.message}") from None
+    try:
+        files = [value for value in form.getlist(field_name) if isinstance(value, UploadFile)]
+        if not files:
+            raise BadRequest(f"multipart field '{field_name}' with an image file is required")
+        return [await upload.read() for upload in files]
+    finally:
+        await form.close()
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (queued images are then skipped)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone("the client disconnected")
+    return task.result()
+
+
+def _preprocess(data: bytes, max_pixels: int, size: int) -> tuple[torch.Tensor, Letterbox, float]:
+    started = time.monotonic()
+    tensor, geometry = letterbox(decode(data, max_pixels), size)
+    return tensor, geometry, time.monotonic() - started
+
+
+async def detect_image(
+    state: ServiceState, data: bytes, query: DetectQuery, request_id: str, arrived: float
+) -> DetectResponse:
+    """One image through the pipeline: decode (thread pool), batch queue, inference, boxes back to its pixels.
+
+    ``arrived`` is the request's ``time.monotonic()`` arrival; its deadline is ``request_timeout_s`` later.
+    """
+    settings, engine, metrics = state.settings, state.engine, state.metrics
+    loop = asyncio.get_running_loop()
+    tensor, geometry, preprocess_s = await loop.run_in_executor(
+        state.decode_pool, _preprocess, data, settings.max_image_pixels, engine.input_size
+    )
+    metrics.preprocess_duration.observe(preprocess_s)
+    submitted = time.monotonic()
+    output = await state.batcher.submit(tensor, deadline=arrived + settings.request_timeout_s)
+    finished = time.monotonic()
+    detections = engine.detections(output.rows, geometry, query.conf, query.classes, query.max_det)
+    for detection in detections:
+        metrics.detections.labels(detection.class_name).inc()
+    done = time.monotonic()
+    return DetectResponse(
+        request_id=request_id,
+        model={"name": engine.name, "version": engine.version},
+        image={"width": geometry.width, "height": geometry.height},
+        detections=[
+            {
+                "class_id": d.class_id,
+                "class_name": d.class_name,
+                "confidence": d.confidence,
+                "box": dict(zip(("x1", "y1", "x2", "y2"), d.box, strict=True)),
+            }
+            for d in detections
+        ],
+        timings_ms={
+            "queue": round(max(finished - submitted - output.inference_seconds, 0) * 1000, 2),
+            "preprocess": round(preprocess_s * 1000, 2),
+            "inference": round(output.inference_seconds * 1000, 2),
+            "postprocess": round((done - finished) * 1000, 2),
+            "total": round((done - arrived) * 1000, 2),
+        },
+        batch_size=output.batch_size,
+    )
+
+
+@detect_router.post(
+    "/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Detect objects"
+)
+async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectResponse:
+    """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
+    arrived = request.state.arrived
+    body = await read_body(request, state.settings.max_upload_bytes)
+    (image,) = await uploaded_images(request, body, "file", max_files=1)
+    with state.metrics.inflight.track_inprogress():
+        return await cancel_on_disconnect(request, detect_image(state, image, query, request.state.request_id, arrived))
+
+
+@detect_router.post(
+    "/detect/batch", response_model=BatchDetectResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
+    summary="Detect objects in several images",
+)  # fmt: skip
+async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> BatchDetectResponse:
+    """Several images (multipart field ``files``), answered in order; each is batched with all other traffic."""
+    arrived = request.state.arrived
+    body = await read_body(request, state.settings.max_upload_bytes)
+    images = await uploaded_images(request, body, "files", max_files=state.settings.max_batch_files)
+    request_id = request.state.request_id
+
+    async def all_images() -> list[DetectResponse]:
+        return list(await asyncio.gather(*(detect_image(state, i, query, request_id, arrived) for i in images)))
+
+    with state.metrics.inflight.track_inprogress():
+        results = await cancel_on_disconnect(request, all_images())
+    return BatchDetectResponse(request_id=request_id, results=results)
+
+
+@ops_router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@ops_router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}}, summary="Readiness")
+async def readyz(state: ReadyDep) -> Health:
+    return Health(status="ready")
+
+
+@ops_router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)])
+async def model_info(state: ReadyDep) -> ModelInfo:
+    engine = state.engine
+    return ModelInfo(
+        name=engine.name,
+        version=engine.version,
+        classes=engine.names,
+        input_size=engine.input_size,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        akconv_layers=engine.akconv_layers,
+        akconv_indexing=engine.metadata.akconv_indexing,
+        parameters=engine.parameters,
+    )
+
+
+@ops_router.get("/v1/config", dependencies=[Depends(require_api_key)], summary="Effective settings, secrets masked")
+async def config(state: StateDep) -> JSONResponse:
+    return JSONResponse(state.settings.public())
+
+
+@ops_router.get("/metrics", summary="Prometheus metrics")
+async def metrics(state: StateDep) -> Response:
+    if state.engine is not None:
+        for kind, value in state.engine.gpu_memory().items():
+            state.metrics.gpu_memory.labels(kind).set(value)
+    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)

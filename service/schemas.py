@@ -1,0 +1,96 @@
+"""Response models of the API (requests are images, described in the routes' OpenAPI bodies)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Box(BaseModel):
+    x1: float = Field(description="left, original-image pixels")
+    y1: float = Field(description="top, original-image pixels")
+    x2: float = Field(description="right, original-image pixels")
+    y2: float = Field(description="bottom, original-image pixels")
+
+
+class DetectionOut(BaseModel):
+    class_id: int
+    class_name: str
+    confidence: float = Field(ge=0, le=1)
+    box: Box
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    queue: float = Field(description="ms waiting for a batch")
+    preprocess: float = Field(description="ms decoding and letterboxing")
+    inference: float = Field(description="ms of the batch this image ran in")
+    postprocess: float = Field(description="ms mapping boxes back")
+    total: float = Field(description="ms from arrival to response")
+
+
+class DetectResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "request_id": "5f0c3b0e9d2a4d0c",
+                "model": {"name": "yolov10n-akconv", "version": "2026-11-28"},
+                "image": {"width": 810, "height": 1080},
+                "detections": [
+                    {
+                        "class_id": 1,
+                        "class_name": "star",
+                        "confidence": 0.91,
+                        "box": {"x1": 12.5, "y1": 40.0, "x2": 96.0, "y2": 130.2},
+                    }
+                ],
+                "timings_ms": {"queue": 4.1, "preprocess": 6.3, "inference": 48.0, "postprocess": 0.2, "total": 60.1},
+                "batch_size": 4,
+            }
+        }
+    )
+
+    request_id: str
+    model: ModelRef
+    image: ImageSize
+    detections: list[DetectionOut]
+    timings_ms: Timings
+    batch_size: int = Field(description="images in the inference batch this image ran in")
+
+
+class BatchDetectResponse(BaseModel):
+    request_id: str
+    results: list[DetectResponse] = Field(description="one per file, in the order sent")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    classes: list[str]
+    input_size: int
+    device: str
+    dtype: str
+    akconv_layers: int
+    akconv_indexing: str
+    parameters: int
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["queue_full"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
