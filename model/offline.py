@@ -3,18 +3,29 @@
 Imported by ``model/__init__.py`` before anything imports ultralytics: ultralytics reads ``YOLO_OFFLINE`` and
 ``YOLO_CONFIG_DIR`` at import time, then writes its settings file there. Without this it probes DNS, may download
 fonts and weights, sends usage events and writes to ``~/.config/Ultralytics``.
+
+Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on any file Pillow cannot identify,
+tries to pip-install ``pi-heif``. A server handed arbitrary bytes must never do that, so Pillow's own ``open`` is
+put back (HEIF input is not supported; see the service's formats).
 """
 
 import os
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 ULTRALYTICS_HOME = Path(tempfile.gettempdir()) / "akconv-detector" / "ultralytics"
 
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
 
-from ultralytics.utils import SETTINGS  # noqa: E402  (must follow the environment above)
+_pillow_open = Image.open
+
+import ultralytics.utils.patches  # noqa: E402, F401  (must follow the environment above; patches Image.open)
+from ultralytics.utils import SETTINGS  # noqa: E402
+
+Image.open = _pillow_open
 
 SETTINGS.update(
     sync=False,

@@ -57,7 +57,6 @@ def _observer(metrics: Metrics) -> BatchObserver:
         queue_depth=metrics.queue_depth.set,
         queue_wait=metrics.queue_wait.observe,
         batch=batch,
-        dropped=lambda reason: metrics.rejected.labels(reason).inc(),
     )
 
 

@@ -44,12 +44,12 @@ class Pending(Generic[Item]):
 
 @dataclass
 class BatchObserver:
-    """Hooks for metrics; the batcher itself imports no metrics library."""
+    """Hooks for metrics; the batcher itself imports no metrics library. Refusals and drops are raised as typed
+    errors (each carries its rejection reason) and counted where they are answered, once."""
 
     queue_depth: Callable[[int], None] = lambda depth: None
     queue_wait: Callable[[float], None] = lambda seconds: None
     batch: Callable[[int, float], None] = lambda size, seconds: None
-    dropped: Callable[[str], None] = lambda reason: None
 
 
 @dataclass
@@ -100,7 +100,6 @@ class DynamicBatcher(Generic[Item, Result]):
         if not self._accepting:
             raise NotReady("the server is not accepting requests")
         if len(self._queue) >= self.max_queue:
-            self.observer.dropped("queue_full")
             retry = self.retry_after_seconds()
             raise QueueFull(f"the queue is full ({self.max_queue}); retry in {retry} s", {"Retry-After": str(retry)})
         now = time.monotonic()
@@ -109,18 +108,15 @@ class DynamicBatcher(Generic[Item, Result]):
         self.observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(deadline - now, 0))
-        except TimeoutError:
-            if pending.started:  # compute already spent: deliver the answer, late
-                return await pending.future
-            pending.abandoned = True
-            self.observer.dropped("deadline")
-            raise DeadlineExceeded("the request waited past its deadline in the queue") from None
+            done, _ = await asyncio.wait({pending.future}, timeout=max(deadline - now, 0))
         except asyncio.CancelledError:
             if not pending.started:
                 pending.abandoned = True
-                self.observer.dropped("client_gone")
             raise
+        if done or pending.started:  # compute already spent: deliver the answer, even late
+            return await pending.future
+        pending.abandoned = True
+        raise DeadlineExceeded("the request waited past its deadline in the queue")
 
     async def _next_batch(self) -> list[Pending]:
         """Wait for the first live item, then until the batch is full or its oldest item has waited max_wait."""

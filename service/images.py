@@ -54,6 +54,8 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF)") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UndecodableImage(f"the image header could not be read: {error}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedMediaType(f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, TIFF)")
     width, height = image.size

@@ -1,0 +1,307 @@
+"""End-to-end: a real uvicorn process on loopback, real HTTP, the bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import signal
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.evaluate import match_detections
+from model.synthetic import SPLITS, render
+from tests.service.server import running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BUS = Path(__import__("ultralytics").__file__).parent / "assets" / "bus.jpg"
+METRIC_NAMES = [
+    "detector_requests_total",
+    "detector_request_duration_seconds_bucket",
+    "detector_queue_wait_seconds_bucket",
+    "detector_preprocess_duration_seconds_bucket",
+    "detector_inference_duration_seconds_bucket",
+    "detector_batch_size_bucket",
+    "detector_queue_depth",
+    "detector_inflight_requests",
+    "detector_ready",
+    "detector_rejected_total",
+    "detector_detections_total",
+    "detector_model_info",
+]
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("server"), "--max-batch-size", "8", "--max-batch-wait-ms", "20") as s:
+        yield s
+
+
+def post_image(url: str, data: bytes, filename="image.png", params=None, **kwargs) -> httpx.Response:
+    return httpx.post(url + "/detect", files={"file": (filename, data)}, params=params, timeout=60, **kwargs)
+
+
+def metric_value(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not exported"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (1.5, 1.25), (0.8, 1.1)], ids=["as-trained", "larger", "non-square"])
+def test_detections_on_synthetic_samples_match_the_truth(server, scale):
+    """Boxes come back in the original image's pixels, whatever its size (letterbox undone)."""
+    found = truths = correct = detected = 0
+    for seed in range(SPLITS["test"], SPLITS["test"] + 6):
+        pixels, truth = render(seed, 320)
+        width, height = round(320 * scale[0]), round(320 * scale[1])
+        resized = np.asarray(Image.fromarray(pixels).resize((width, height), Image.BILINEAR))
+        truth = truth * np.array([1, scale[0], scale[1], scale[0], scale[1]], dtype=np.float32)
+        response = post_image(server.url, encode(resized))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["image"] == {"width": width, "height": height}
+        rows = np.array(
+            [[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]], dtype=np.float32
+        ).reshape(-1, 6)
+        hits = match_detections(rows, truth)[:, 0]
+        correct += int(hits.sum())
+        detected += len(rows)
+        found += int(hits.sum())
+        truths += len(truth)
+    assert found / truths >= 0.8, f"recall {found}/{truths}"
+    assert correct / max(detected, 1) >= 0.8, f"precision {correct}/{detected}"
+
+
+def test_real_photo_answers_with_the_documented_shape(server):
+    response = post_image(server.url, BUS.read_bytes(), "bus.jpg")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["image"] == {"width": 810, "height": 1080}
+    assert set(body) == {"request_id", "model", "image", "detections", "timings_ms", "batch_size"}
+    assert set(body["timings_ms"]) == {"queue", "preprocess", "inference", "postprocess", "total"}
+    assert body["request_id"] == response.headers["x-request-id"]
+    for detection in body["detections"]:
+        box = detection["box"]
+        assert 0 <= box["x1"] <= box["x2"] <= 810 and 0 <= box["y1"] <= box["y2"] <= 1080
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF"])
+def test_each_supported_format(server, fmt):
+    pixels, _ = render(SPLITS["test"], 160)
+    response = post_image(server.url, encode(pixels, fmt), f"image.{fmt.lower()}")
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": 160, "height": 160}
+
+
+def test_raw_image_body(server):
+    response = httpx.post(
+        server.url + "/detect", content=BUS.read_bytes(), headers={"content-type": "image/jpeg"}, timeout=60
+    )
+    assert response.status_code == 200 and response.json()["image"]["width"] == 810
+
+
+def test_query_filters(server):
+    data = encode(render(SPLITS["test"] + 1, 320)[0])
+    everything = post_image(server.url, data, params={"conf": 0.01, "max_det": 300}).json()["detections"]
+    assert len(post_image(server.url, data, params={"conf": 0.01, "max_det": 2}).json()["detections"]) == 2
+    stars = post_image(server.url, data, params={"conf": 0.01, "classes": "star"}).json()["detections"]
+    assert stars and {d["class_name"] for d in stars} == {"star"}
+    assert len(stars) == sum(d["class_name"] == "star" for d in everything)
+    by_id = post_image(server.url, data, params={"conf": 0.01, "classes": "1"}).json()["detections"]
+    assert by_id == stars
+
+
+def test_batch_endpoint_answers_in_order(server):
+    images = [encode(render(SPLITS["test"] + i, 96 + 32 * i)[0]) for i in range(3)]
+    response = httpx.post(
+        server.url + "/detect/batch", files=[("files", (f"{i}.png", d)) for i, d in enumerate(images)], timeout=60
+    )
+    assert response.status_code == 200
+    assert [r["image"]["width"] for r in response.json()["results"]] == [96, 128, 160]
+
+
+def test_64_concurrent_requests_are_batched(server):
+    before = httpx.get(server.url + "/metrics").text
+    data = encode(render(SPLITS["test"] + 2, 320)[0])
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post(server.url + "/detect", files={"file": ("x.png", data)}) for _ in range(64))
+            )
+
+    responses = asyncio.run(flood())
+    assert [r.status_code for r in responses] == [200] * 64
+    assert max(r.json()["batch_size"] for r in responses) > 1
+    after = httpx.get(server.url + "/metrics").text
+    batches = metric_value(after, "detector_batch_size_count") - metric_value(before, "detector_batch_size_count")
+    singles = metric_value(after, 'detector_batch_size_bucket{le="1.0"}') - metric_value(
+        before, 'detector_batch_size_bucket{le="1.0"}'
+    )
+    assert singles < batches, "the histogram shows batches of more than one image"
+
+
+@pytest.mark.parametrize(
+    "params,status,code",
+    [
+        ({"conf": "abc"}, 400, "bad_request"),
+        ({"conf": "2"}, 400, "bad_request"),
+        ({"max_det": "0"}, 400, "bad_request"),
+        ({"classes": "dog"}, 400, "bad_request"),
+    ],
+)
+def test_bad_parameters(server, params, status, code):
+    response = post_image(server.url, BUS.read_bytes(), params=params)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    "content,content_type,status,code",
+    [
+        (b"hello", "text/plain", 415, "unsupported_media_type"),
+        (b"hello", "image/png", 415, "unsupported_media_type"),
+        (BUS.read_bytes()[:4000], "image/jpeg", 422, "undecodable_image"),
+        (b"", "image/png", 422, "undecodable_image"),
+    ],
+    ids=["text", "text-as-image", "truncated-jpeg", "empty"],
+)
+def test_bad_bodies(server, content, content_type, status, code):
+    response = httpx.post(server.url + "/detect", content=content, headers={"content-type": content_type}, timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json() == {"error": {"code": code, "message": response.json()["error"]["message"]}}
+    assert "Traceback" not in response.text
+
+
+def test_missing_file_field(server):
+    response = httpx.post(server.url + "/detect", files={"image": ("x.png", BUS.read_bytes())}, timeout=30)
+    assert response.status_code == 400 and "'file'" in response.json()["error"]["message"]
+
+
+def test_info_endpoints(server):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
+    info = httpx.get(server.url + "/v1/model").json()
+    assert info["classes"] == ["triangle", "star"] and info["akconv_layers"] == 2 and info["device"] == "cpu"
+    config = httpx.get(server.url + "/v1/config").json()
+    assert config["max_batch_size"] == 8 and config["api_key"] is None
+    assert httpx.get(server.url + "/nothing").json()["error"]["code"] == "not_found"
+    assert "/detect" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_metrics_names_and_labels(server):
+    post_image(server.url, BUS.read_bytes(), params={"conf": 0.0})
+    text = httpx.get(server.url + "/metrics").text
+    for name in METRIC_NAMES:
+        assert re.search(rf"^{name}[{{ ]", text, re.MULTILINE), f"{name} missing"
+    assert 'detector_requests_total{endpoint="/detect",status="200"}' in text
+    assert 'detector_rejected_total{reason="queue_full"}' in text
+    assert "detector_ready 1.0" in text
+    assert re.search(r'detector_model_info\{.*device="cpu".*\} 1.0', text)
+    assert 'detector_batch_size_bucket{le="64.0"}' in text
+
+
+@pytest.fixture(scope="module")
+def constrained(tmp_path_factory):
+    flags = (
+        "--max-batch-size", "1", "--max-batch-wait-ms", "0", "--max-queue", "2", "--api-key", "let-me-in",
+        "--max-upload-bytes", "200000", "--max-image-pixels", "1000000",
+    )  # fmt: skip
+    with running_server(tmp_path_factory.mktemp("constrained"), *flags) as s:
+        yield s
+
+
+KEY = {"x-api-key": "let-me-in"}
+
+
+def test_api_key_is_required_when_set(constrained):
+    data = encode(render(0, 96)[0])
+    assert post_image(constrained.url, data).status_code == 401
+    assert post_image(constrained.url, data, headers={"x-api-key": "wrong"}).status_code == 401
+    assert post_image(constrained.url, data, headers=KEY).status_code == 200
+    assert post_image(constrained.url, data, headers={"authorization": "Bearer let-me-in"}).status_code == 200
+    assert httpx.get(constrained.url + "/v1/config", headers=KEY).json()["api_key"] == "********"
+    assert httpx.get(constrained.url + "/healthz").status_code == 200, "probes need no key"
+
+
+def test_body_over_the_limit_is_refused(constrained):
+    response = post_image(constrained.url, b"\x00" * 300_000, headers=KEY)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_too_many_pixels(constrained):
+    data = encode(np.zeros((1000, 1200, 3), np.uint8), "PNG")
+    response = post_image(constrained.url, data, headers=KEY)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "too_many_pixels"
+
+
+def test_full_queue_refuses_with_retry_after_and_answers_everything_accepted(constrained):
+    data = encode(render(SPLITS["test"], 320)[0])
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120, headers=KEY) as client:
+            return await asyncio.gather(
+                *(client.post(constrained.url + "/detect", files={"file": ("x.png", data)}) for _ in range(24))
+            )
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "queue_full"
+            assert int(response.headers["retry-after"]) >= 1
+    text = httpx.get(constrained.url + "/metrics").text
+    assert metric_value(text, 'detector_rejected_total{reason="queue_full"}') >= statuses.count(503)
+    assert metric_value(text, "detector_queue_depth") == 0
+
+
+def test_deadlines_give_504(tmp_path):
+    flags = ("--max-batch-size", "1", "--max-batch-wait-ms", "0", "--request-timeout-s", "0.3")
+    with running_server(tmp_path, *flags) as server:
+        data = encode(render(SPLITS["test"], 320)[0])
+
+        async def flood():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(
+                    *(client.post(server.url + "/detect", files={"file": ("x.png", data)}) for _ in range(24))
+                )
+
+        responses = asyncio.run(flood())
+        statuses = [r.status_code for r in responses]
+        assert 504 in statuses and set(statuses) <= {200, 504}, statuses
+        assert all(r.json()["error"]["code"] == "deadline_exceeded" for r in responses if r.status_code == 504)
+        text = httpx.get(server.url + "/metrics").text
+        assert metric_value(text, 'detector_rejected_total{reason="deadline"}') == statuses.count(504)
+
+
+def test_sigterm_answers_everything_in_flight(tmp_path):
+    with running_server(tmp_path, "--max-batch-size", "2") as server:
+        data = encode(render(SPLITS["test"], 320)[0])
+
+        async def flood_then_stop():
+            async with httpx.AsyncClient(timeout=120) as client:
+                requests = [
+                    asyncio.ensure_future(client.post(server.url + "/detect", files={"file": ("x.png", data)}))
+                    for _ in range(12)
+                ]
+                await asyncio.sleep(0.5)
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*requests, return_exceptions=True)
+
+        responses = asyncio.run(flood_then_stop())
+        assert [getattr(r, "status_code", r) for r in responses] == [200] * 12
+        # uvicorn re-raises the stop signal once drained, so the exit status is SIGTERM's
+        assert server.process.wait(60) in (0, -signal.SIGTERM)
+        assert '"message": "stopped"' in server.log()

@@ -1,0 +1,105 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
+from service.images import decode, letterbox, unletterbox_boxes
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def gradient(width=40, height=30) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(x, (height, 1)), np.full((height, width), 80, np.uint8), np.zeros((height, width), np.uint8)], 2
+    )
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF"])
+def test_supported_formats_decode_to_rgb(fmt):
+    pixels = decode(encode(gradient(), fmt), LIMIT)
+    assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
+    assert pixels[:, -1, 0].mean() > 200 and pixels[:, 0, 0].mean() < 50
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        gradient().convert("L"),
+        gradient().convert("RGBA"),
+        gradient().convert("P"),
+        gradient().convert("CMYK"),
+        gradient().convert("LA"),
+    ],
+    ids=["grayscale", "rgba", "palette", "cmyk", "gray-alpha"],
+)
+def test_modes_are_converted_to_rgb(image):
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG" if image.mode != "CMYK" else "TIFF"
+    pixels = decode(encode(image, fmt), LIMIT)
+    assert pixels.shape == (30, 40, 3)
+
+
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
+    values = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
+    pixels = decode(encode(Image.fromarray(values), "PNG"), LIMIT)
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255 and 100 < pixels[0, 20, 0] < 160
+
+
+def test_exif_orientation_is_applied():
+    image = gradient(40, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    pixels = decode(encode(image, "JPEG", exif=exif), LIMIT)
+    assert pixels.shape == (40, 30, 3)
+    assert pixels[-1, :, 0].mean() > 200, "the bright right edge is now at the bottom"
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(TooManyPixels, match="40x30"):
+        decode(encode(gradient(), "PNG"), 1000)
+
+
+@pytest.mark.parametrize(
+    "data,error",
+    [
+        (b"", UndecodableImage),
+        (b"definitely not an image", UnsupportedMediaType),
+        (encode(gradient(), "JPEG")[:200], UndecodableImage),
+        (encode(gradient(), "GIF"), UnsupportedMediaType),
+    ],
+    ids=["empty", "text", "truncated-jpeg", "gif"],
+)
+def test_bad_input_raises_typed_errors(data, error):
+    with pytest.raises(error):
+        decode(data, LIMIT)
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (40, 30), (64, 64), (500, 120)])
+def test_letterbox_then_unletterbox_round_trips_boxes(shape):
+    height, width = shape
+    tensor, geometry = letterbox(np.zeros((height, width, 3), np.uint8), 64)
+    assert tuple(tensor.shape) == (3, 64, 64) and (geometry.width, geometry.height) == (width, height)
+    boxes = np.array([[0.0, 0.0, width, height], [width / 4, height / 4, width / 2, height / 2]])
+    in_model = boxes * geometry.scale + [geometry.pad_x, geometry.pad_y, geometry.pad_x, geometry.pad_y]
+    np.testing.assert_allclose(unletterbox_boxes(in_model, geometry), boxes, atol=1e-6)
+
+
+def test_letterbox_pads_with_grey_around_the_centred_image():
+    tensor, geometry = letterbox(np.full((32, 64, 3), 255, np.uint8), 64)
+    assert geometry.pad_y == 16 and geometry.pad_x == 0
+    assert tensor[:, :16].eq(114).all() and tensor[:, 16:48].eq(255).all() and tensor[:, 48:].eq(114).all()
+
+
+def test_unletterbox_clips_to_the_image():
+    _, geometry = letterbox(np.zeros((32, 64, 3), np.uint8), 64)
+    mapped = unletterbox_boxes(np.array([[-10.0, 0.0, 80.0, 64.0]]), geometry)
+    np.testing.assert_allclose(mapped, [[0, 0, 64, 32]])
