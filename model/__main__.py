@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
     train.add_argument("--cache", choices=["ram", "disk"], default=None, help="cache decoded images")
+    train.add_argument("--time", type=float, default=None, help="hours; fits the epochs to it (also on --resume)")
 
     convert = commands.add_parser("convert", help="convert an ultralytics .pt into a bundle")
     convert.add_argument("checkpoint", type=Path)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             close_mosaic=args.close_mosaic,
             cache=args.cache or False,
+            **({"time": args.time} if args.time else {}),
         )
         print(f"bundle written to {out}")
     elif args.command == "convert":

@@ -72,7 +72,7 @@ def train(
         "project": str(Path(project).resolve()),
         "name": name,
         "exist_ok": True,
-        "resume": resume,
+        "resume": str(run_dir / "weights" / "last.pt") if resume else False,
         "seed": seed,
         "deterministic": True,
         "plots": False,  # plotting fetches a font from the network
@@ -92,12 +92,12 @@ def train(
         "trained": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": config_path.name,
         "data": {k: data_cfg.get(k) for k in ("path", "train", "val", "names")},
-        "epochs": epochs,
+        "epochs": trainer.epoch + 1,
         "imgsz": imgsz,
         "batch": batch,
         "device": device,
         "seed": seed,
-        "train_minutes": round(minutes, 1),
+        "train_minutes_last_run": round(minutes, 1),
         "overrides": overrides,
         "val_metrics": {k: round(float(v), 4) for k, v in (trainer.metrics or {}).items()},
     }
