@@ -10,10 +10,12 @@ only change is where the model comes from: :func:`model.build.build_model` inste
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -28,6 +30,8 @@ class AKConvTrainer(DetectionTrainer):
     indexing: Indexing = "ij"
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True):
+        # Ultralytics' device selection leaves CPU training on cores - 1 threads (one thread on 2 cores).
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         # A resumed checkpoint carries its own geometry in model.yaml; a fresh run uses the trainer's.
         indexing = cfg.get("akconv_indexing", self.indexing) if isinstance(cfg, dict) else self.indexing
         model = build_model(cfg, nc=self.data["nc"], indexing=indexing, verbose=verbose)

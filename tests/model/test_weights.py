@@ -1,0 +1,45 @@
+"""The bundled default model: loads without unpickling and really detects (held-out synthetic seeds)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model.build import fuse_for_inference
+from model.checkpoint import DEFAULT_BUNDLE, load, load_model
+from model.evaluate import detect_synthetic, match_detections
+from model.synthetic import SPLITS
+
+
+def test_default_is_the_bundled_model_and_needs_no_pickle(monkeypatch):
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("loading the bundled model unpickled something")
+
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    loaded = load()
+    assert (DEFAULT_BUNDLE / "model.safetensors").exists()
+    assert loaded.metadata.name == "yolov10n-akconv" and loaded.metadata.akconv_indexing == "ij"
+    assert loaded.metadata.names == ["triangle", "star"]
+    assert not loaded.model.training
+    assert isinstance(load_model(), type(loaded.model))
+
+
+@pytest.mark.slow
+def test_finds_the_objects_of_20_fresh_seeds():
+    """>= 85% of ground-truth boxes found at IoU >= 0.5, precision >= 0.85, at confidence 0.25."""
+    loaded = load()
+    detector = fuse_for_inference(loaded.model)
+    seeds = range(SPLITS["test"] + 10_000, SPLITS["test"] + 10_020)  # outside every training/validation range
+    found = truths = correct = detected = 0
+    for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size):
+        confident = detections[detections[:, 4] >= 0.25]
+        hits = match_detections(confident, truth, np.array([0.5]))[:, 0]
+        correct += int(hits.sum())
+        detected += len(confident)
+        found += int(hits.sum())
+        truths += len(truth)
+    recall, precision = found / truths, correct / max(detected, 1)
+    assert recall >= 0.85, f"found {found} of {truths} boxes"
+    assert precision >= 0.85, f"{correct} of {detected} detections are right"
