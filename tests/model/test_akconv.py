@@ -180,3 +180,16 @@ def test_xy_reproduces_the_seed_module(num_param, stride, shape):
         torch.testing.assert_close(outputs[1], outputs[0], rtol=rtol, atol=1e-5)
         for ours_grad, seed_grad in zip(grads[1], grads[0], strict=True):
             torch.testing.assert_close(ours_grad, seed_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_path_on_cuda_matches_the_cpu(dtype):
+    layer = make_layer(c1=16, c2=32, num_param=3, stride=2).eval()
+    x = torch.randn(2, 16, 40, 48)
+    with torch.no_grad():
+        expected = layer(x)
+        got = layer.to("cuda", dtype)(x.to("cuda", dtype)).float().cpu()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

@@ -1,0 +1,182 @@
+"""Static checks of every deployment file, with the real validators that install here (no Docker engine)."""
+
+import copy
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from service.config import Settings
+from service.metrics import Metrics
+from tests.deploy.tools import DEPLOY, REPO, tool
+
+K8S = DEPLOY / "k8s"
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+
+
+SERIES_SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "info": ["_info"], "gauge": [""]}
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the service's metrics produce, labelled children or not."""
+    return {family.name + suffix for family in Metrics().registry.collect() for suffix in SERIES_SUFFIXES[family.type]}
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_compose_files_validate(files):
+    args = [a for f in files for a in ("-f", f)]
+    result = run(tool("docker-compose"), *args, "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_shape():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {name for name, s in services.items() if "ports" in s} == {"lb", "grafana"}
+    detector = services["detector"]
+    assert detector["deploy"]["replicas"] == "${DETECTOR_REPLICAS:-2}"
+    assert "/readyz" in " ".join(detector["healthcheck"]["test"])
+    assert services["lb"]["depends_on"]["detector"]["condition"] == "service_healthy"
+    assert int(detector["stop_grace_period"].rstrip("s")) > Settings().request_timeout_s
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    devices = gpu["services"]["detector"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_dockerfile_lints_clean():
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", text, re.MULTILINE) and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
+    assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim-\w+$", text, re.MULTILINE), "base image pinned"
+
+
+def test_nginx_config_matches_the_service_limits():
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert "least_conn;" in conf and "max_fails=" in conf and "fail_timeout=" in conf
+    body_limit_mib = int(re.search(r"client_max_body_size (\d+)m;", conf).group(1))
+    assert body_limit_mib * 1024 * 1024 == Settings().max_upload_bytes
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", conf).group(1))
+    assert read_timeout > Settings().request_timeout_s
+    retry = re.search(r"proxy_next_upstream ([^;]+);", conf).group(1).split()
+    assert "http_503" in retry and "error" in retry and "timeout" not in retry
+    assert "upstream_response_time" in conf and "request_time" in conf
+
+
+def k8s_documents(path):
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("name", ["deployment", "service", "hpa", "pdb"])
+def test_kubernetes_manifests_validate(name):
+    result = run(tool("kubernetes-validate"), "--strict", str(K8S / "base" / f"{name}.yaml"))
+    assert result.returncode == 0 and "passed" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_service_monitor_structure():
+    """No schema for the Prometheus Operator's CRD ships with the validator: check what it needs by hand."""
+    (monitor,) = k8s_documents(K8S / "base" / "servicemonitor.yaml")
+    (service,) = k8s_documents(K8S / "base" / "service.yaml")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_deployment_probes_and_safety():
+    (deployment,) = k8s_documents(K8S / "base" / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "long enough for warm-up"
+    assert pod["terminationGracePeriodSeconds"] > Settings().request_timeout_s + 5
+    assert container["lifecycle"]["preStop"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+
+
+def merge(base, patch):
+    """The strategic merge kustomize applies to these patches: dicts by key, lists of named items by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = copy.deepcopy(base)
+        for key, value in patch.items():
+            merged[key] = merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in patch):
+        merged = copy.deepcopy(base)
+        for item in patch:
+            index = next((i for i, b in enumerate(merged) if b.get("name") == item["name"]), None)
+            if index is None:
+                merged.append(item)
+            else:
+                merged[index] = merge(merged[index], item)
+        return merged
+    return patch
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlays_patch_the_base_into_valid_deployments(overlay, tmp_path):
+    kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../../base"]
+    base_resources = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["resources"]
+    assert sorted(base_resources) == sorted(
+        p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    (deployment,) = k8s_documents(K8S / "base" / "deployment.yaml")
+    for entry in kustomization["patches"]:
+        (patch,) = k8s_documents(K8S / "overlays" / overlay / entry["path"])
+        assert (patch["kind"], patch["metadata"]["name"]) == (deployment["kind"], deployment["metadata"]["name"])
+        deployment = merge(deployment, patch)
+    out = tmp_path / f"{overlay}.yaml"
+    out.write_text(yaml.safe_dump(deployment))
+    result = run(tool("kubernetes-validate"), "--strict", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DETECTOR_DEVICE"] == ("cuda" if overlay == "gpu" else "cpu")
+    if overlay == "gpu":
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "detector.json").read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_dashboard_uses_only_exported_metrics():
+    exported = exported_metric_names()
+    titles = {title for title, _ in dashboard_queries()}
+    for required in ("Request latency", "Batch size", "Queue depth per replica", "GPU memory", "Readiness per replica"):
+        assert required in titles
+    for title, expr in dashboard_queries():
+        for name in re.findall(r"\bdetector_[a-z_]+", expr):
+            assert name in exported, f"panel {title!r} queries {name}, which the service does not export"
+
+
+def test_alert_rules_use_only_exported_metrics_and_have_runbooks():
+    exported = exported_metric_names() | {"up"}
+    readme = (DEPLOY / "README.md").read_text().lower()
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    for rule in rules:
+        for name in re.findall(r"\bdetector_[a-z_]+", rule["expr"]):
+            assert name in exported, f"{rule['alert']} uses {name}"
+        assert rule["annotations"]["summary"]
+        assert f"### {rule['alert'].lower()}" in readme, f"no runbook paragraph for {rule['alert']}"
+
+
+def test_grafana_provisioning_points_at_the_dashboards():
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["uid"] == "prometheus"
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "detector.json").read_text())
+    uids = {panel["datasource"]["uid"] for panel in dashboard["panels"]}
+    assert uids == {"prometheus"}
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yml").read_text())
+    mounted = {v.split(":")[1] for v in compose["services"]["grafana"]["volumes"]}
+    assert provider["providers"][0]["options"]["path"] in mounted
