@@ -4,7 +4,10 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench-akconv evaluate clean
+.PHONY: install system-deps serve test lint format bench-akconv evaluate clean
+
+# Debian tools the deployment tests run for real (no Docker engine needed); installed when missing (needs root).
+SYSTEM_TOOLS := nginx promtool prometheus docker-compose
 
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -14,10 +17,18 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing nginx, prometheus, docker-compose (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			nginx prometheus docker-compose; \
+	fi
+
 serve: $(INSTALLED)
 	$(PYTHON) -m service
 
-test: $(INSTALLED) lint
+test: $(INSTALLED) system-deps lint
 	$(PYTHON) -m pytest
 
 lint: $(INSTALLED)

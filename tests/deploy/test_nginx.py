@@ -1,0 +1,149 @@
+"""Debian's nginx with the project's own config in front of two real replicas on loopback."""
+
+import asyncio
+import contextlib
+import io
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from model.synthetic import render
+from tests.deploy.tools import DEPLOY, tool
+from tests.service.server import free_port, running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+UPSTREAM = re.compile(r"^(\s*)server detector:8000 (.*);$", re.MULTILINE)
+
+
+def loopback_config(replica_urls: list[str], port: int, prefix: Path) -> str:
+    """deploy/nginx/nginx.conf with the replicas' loopback addresses, a loopback listener, in the foreground."""
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    indent, params = UPSTREAM.search(conf).groups()
+    servers = "\n".join(f"{indent}server {url.removeprefix('http://')} {params};" for url in replica_urls)
+    conf = UPSTREAM.sub(lambda _: servers, conf)
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("access_log /dev/stdout", f"access_log {prefix / 'access.log'}")
+    return f"daemon off;\npid {prefix / 'nginx.pid'};\n" + conf
+
+
+@contextlib.contextmanager
+def running_nginx(tmp_path: Path, replica_urls: list[str]):
+    port = free_port()
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    conf = loopback_config(replica_urls, port, tmp_path)
+    temp_paths = "".join(
+        f"    {name}_temp_path {tmp_path / name};\n" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = conf.replace("http {\n", "http {\n" + temp_paths, 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    checked = subprocess.run(
+        [tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    log = (tmp_path / "nginx.log").open("w")
+    process = subprocess.Popen(
+        [tool("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.log").read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+@contextlib.contextmanager
+def two_replicas_behind_nginx(tmp_path: Path):
+    flags = ("--max-batch-size", "4", "--max-batch-wait-ms", "5")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "nginx").mkdir()
+    with (
+        running_server(tmp_path / "a", *flags) as a,
+        running_server(tmp_path / "b", *flags) as b,
+        running_nginx(tmp_path / "nginx", [a.url, b.url]) as lb,
+    ):
+        yield lb, a, b
+
+
+def image_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(render(11, 320)[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def served(replica_url: str) -> float:
+    text = httpx.get(replica_url + "/metrics").text
+    match = re.search(r'^detector_requests_total\{endpoint="/detect",status="200"\} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def clients(url: str, data: bytes, count: int, concurrency: int, during=None) -> list[int]:
+    """``count`` POST /detect through ``url`` from ``concurrency`` clients; ``during`` runs after a quarter."""
+    statuses: list[int] = []
+    queue = list(range(count))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            queue.pop()
+            try:
+                response = await http.post(url + "/detect", files={"file": ("x.png", data)})
+                statuses.append(response.status_code)
+            except httpx.HTTPError as error:
+                statuses.append(type(error).__name__)
+            if during and len(statuses) == count // 4:
+                during()
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return statuses
+
+
+def test_requests_spread_over_both_replicas(tmp_path):
+    with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
+        statuses = asyncio.run(clients(lb, image_bytes(), count=24, concurrency=6))
+        assert statuses == [200] * 24
+        assert served(a.url) > 0 and served(b.url) > 0, "least_conn uses both replicas"
+        assert served(a.url) + served(b.url) == 24
+        log = (tmp_path / "nginx" / "access.log").read_text()
+        assert "upstream_time=" in log and "request_id=" in log
+
+
+def test_killing_a_replica_mid_run_loses_no_request(tmp_path):
+    with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
+        statuses = asyncio.run(
+            clients(lb, image_bytes(), count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGKILL))
+        )
+        assert a.process.wait(10) == -signal.SIGKILL
+        assert statuses == [200] * 40, "nginx re-sends what the dead replica did not answer"
+        assert served(b.url) > 0
+
+
+def test_a_draining_replica_loses_no_request(tmp_path):
+    """SIGTERM: the replica answers what it accepted and refuses the rest; nginx sends those to the other one."""
+    with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
+        statuses = asyncio.run(
+            clients(lb, image_bytes(), count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGTERM))
+        )
+        assert statuses == [200] * 40
+        assert a.process.wait(60) in (0, -signal.SIGTERM)

@@ -1,0 +1,120 @@
+"""Prometheus from Debian: config and rule checks, alert unit tests, and a real Prometheus scraping a replica."""
+
+import contextlib
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from model.synthetic import render
+from tests.deploy.tools import DEPLOY, tool
+from tests.service.server import free_port, running_server
+
+PROMETHEUS = DEPLOY / "prometheus"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("promtool"), *args], cwd=PROMETHEUS, capture_output=True, text=True, check=False)
+
+
+def test_config_and_rules_check():
+    for args in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml")):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_unit_test_and_they_pass():
+    result = promtool("test", "rules", "alerts.test.yml")
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    alerts = {r["alert"] for r in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"][0]["rules"]}
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())["tests"]
+        for case in test["alert_rule_test"]
+    }
+    assert alerts == tested
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, target: str):
+    """The project's prometheus.yml with its DNS discovery swapped for the loopback replica, 1 s scrapes."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
+    (job,) = config["scrape_configs"]
+    del job["dns_sd_configs"]
+    job["static_configs"] = [{"targets": [target]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def query(url: str, expr: str) -> list:
+    body = httpx.get(url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_dashboard_queries_return_data_from_a_real_replica(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(render(7, 320)[0]).save(buffer, format="PNG")
+    with (
+        running_server(tmp_path, "--max-batch-size", "4") as replica,
+        running_prometheus(tmp_path, replica.url.removeprefix("http://")) as prometheus,
+    ):
+        deadline = time.monotonic() + 60
+        while not query(prometheus, 'up{job="detector"} == 1'):
+            assert time.monotonic() < deadline, "the replica was never scraped"
+            time.sleep(0.5)
+        for _round in range(3):  # traffic across several scrapes, so rate() has something to work on
+            for _ in range(4):
+                httpx.post(
+                    replica.url + "/detect",
+                    params={"conf": 0},
+                    files={"file": ("x.png", buffer.getvalue())},
+                    timeout=60,
+                )
+            httpx.post(replica.url + "/detect", params={"conf": "abc"}, content=b"x", timeout=10)
+            time.sleep(1.5)
+        dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "detector.json").read_text())
+        empty = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                if not query(prometheus, target["expr"]):
+                    empty.append(panel["title"])
+        assert empty == ["GPU memory"], f"panels without data: {empty} (GPU memory is expected empty on CPU)"
+        rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
+        assert len(rules) == 7 and all(rule["health"] == "ok" for rule in rules)
