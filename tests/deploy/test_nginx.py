@@ -6,7 +6,6 @@ import io
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from PIL import Image
 
 from model.synthetic import render
 from tests.deploy.tools import DEPLOY, tool
-from tests.service.server import free_port, running_server
+from tests.service.server import free_port, running_process, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 UPSTREAM = re.compile(r"^(\s*)server detector:8000 (.*);$", re.MULTILINE)
@@ -50,26 +49,10 @@ def running_nginx(tmp_path: Path, replica_urls: list[str]):
         check=False,
     )
     assert checked.returncode == 0, checked.stderr
-    log = (tmp_path / "nginx.log").open("w")
-    process = subprocess.Popen(
-        [tool("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "nginx.log").read_text()
-            time.sleep(0.2)
+    command = [tool("nginx"), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
+    with running_process(command, tmp_path / "nginx.log", url + "/healthz", timeout=30):
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.synthetic import render
 from tests.deploy.tools import DEPLOY, tool
-from tests.service.server import free_port, running_server
+from tests.service.server import free_port, running_process, running_server
 
 PROMETHEUS = DEPLOY / "prometheus"
 
@@ -53,31 +53,15 @@ def running_prometheus(tmp_path: Path, target: str):
     job["static_configs"] = [{"targets": [target]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            tool("prometheus"),
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [
+        tool("prometheus"),
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+    ]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
-            time.sleep(0.3)
+    with running_process(command, tmp_path / "prometheus.log", url + "/-/ready", timeout=60):
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 def query(url: str, expr: str) -> list:

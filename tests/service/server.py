@@ -38,44 +38,30 @@ class ServerProcess:
         return self.process.wait(timeout)
 
 
+def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's log if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout} s:\n{log_path.read_text()}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
-def running_server(tmp_dir: Path, *flags: str, ready_timeout: float = 180) -> Iterator[ServerProcess]:
-    """``python -m service`` on 127.0.0.1 with ``flags``; yields once /readyz answers 200; stops it afterwards."""
-    port = free_port()
-    log_path = tmp_dir / f"server-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+def running_process(
+    command: list[str], log_path: Path, ready_url: str, timeout: float, **popen: object
+) -> Iterator[subprocess.Popen]:
+    """Start ``command`` (output to ``log_path``), yield once ``ready_url`` answers 200, SIGTERM it afterwards."""
     with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--warmup-rounds",
-                "0",
-                *flags,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, **popen)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {ready_timeout} s:\n{server.log()}")
-            time.sleep(0.2)
-        yield server
+        wait_for_http(ready_url, process, log_path, timeout)
+        yield process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -83,3 +69,15 @@ def running_server(tmp_dir: Path, *flags: str, ready_timeout: float = 180) -> It
                 process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextlib.contextmanager
+def running_server(tmp_dir: Path, *flags: str, ready_timeout: float = 180) -> Iterator[ServerProcess]:
+    """``python -m service`` on 127.0.0.1 with ``flags``; yields once /readyz answers 200; stops it afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_dir / f"server-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--warmup-rounds", "0"]
+    with running_process([*command, *flags], log_path, url + "/readyz", ready_timeout, cwd=REPO, env=env) as process:
+        yield ServerProcess(process, url, log_path)
