@@ -6,8 +6,9 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: install system-deps serve test lint format bench-akconv evaluate clean
 
-# Debian tools the deployment tests run for real (no Docker engine needed); installed when missing (needs root).
-SYSTEM_TOOLS := nginx promtool prometheus docker-compose
+# Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
+# installed when missing (needs root).
+SYSTEM_TOOLS := nginx promtool prometheus docker-compose chromium
 
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -20,9 +21,9 @@ install: $(INSTALLED)
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
-		echo "installing nginx, prometheus, docker-compose (missing:$$missing)"; \
+		echo "installing nginx, prometheus, docker-compose, chromium (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			nginx prometheus docker-compose; \
+			nginx prometheus docker-compose chromium; \
 	fi
 
 serve: $(INSTALLED)

@@ -8,17 +8,20 @@ import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from service.annotate import annotate, encode, negotiate
 from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import Engine
+from service.engine import Detection, Engine
 from service.errors import (
     BadRequest,
     ClientGone,
@@ -218,24 +221,43 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _preprocess(data: bytes, max_pixels: int, size: int) -> tuple[torch.Tensor, Letterbox, float]:
+@dataclass
+class Prepared:
+    tensor: torch.Tensor  # (3, S, S) uint8, the letterboxed model input
+    geometry: Letterbox
+    seconds: float
+    pixels: np.ndarray | None  # (H, W, 3) the decoded image, kept only when it will be drawn on
+
+
+def _preprocess(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
     started = time.monotonic()
-    tensor, geometry = letterbox(decode(data, max_pixels), size)
-    return tensor, geometry, time.monotonic() - started
+    pixels = decode(data, max_pixels)
+    tensor, geometry = letterbox(pixels, size)
+    return Prepared(tensor, geometry, time.monotonic() - started, pixels if keep_pixels else None)
+
+
+@dataclass
+class ImageResult:
+    response: DetectResponse
+    detections: list[Detection]
+    pixels: np.ndarray | None
 
 
 async def detect_image(
-    state: ServiceState, data: bytes, query: DetectQuery, request_id: str, arrived: float
-) -> DetectResponse:
+    state: ServiceState, data: bytes, query: DetectQuery, request_id: str, arrived: float, keep_pixels: bool = False
+) -> ImageResult:
     """One image through the pipeline: decode (thread pool), batch queue, inference, boxes back to its pixels.
 
     ``arrived`` is the request's ``time.monotonic()`` arrival; its deadline is ``request_timeout_s`` later.
+    The decoded pixels are kept (``keep_pixels``) only for drawing: a queued request otherwise holds just the
+    model input.
     """
     settings, engine, metrics = state.settings, state.engine, state.metrics
     loop = asyncio.get_running_loop()
-    tensor, geometry, preprocess_s = await loop.run_in_executor(
-        state.decode_pool, _preprocess, data, settings.max_image_pixels, engine.input_size
+    prepared = await loop.run_in_executor(
+        state.decode_pool, _preprocess, data, settings.max_image_pixels, engine.input_size, keep_pixels
     )
+    tensor, geometry, preprocess_s = prepared.tensor, prepared.geometry, prepared.seconds
     metrics.preprocess_duration.observe(preprocess_s)
     submitted = time.monotonic()
     output = await state.batcher.submit(tensor, deadline=arrived + settings.request_timeout_s)
@@ -244,7 +266,7 @@ async def detect_image(
     for detection in detections:
         metrics.detections.labels(detection.class_name).inc()
     done = time.monotonic()
-    return DetectResponse(
+    response = DetectResponse(
         request_id=request_id,
         model={"name": engine.name, "version": engine.version},
         image={"width": geometry.width, "height": geometry.height},
@@ -266,6 +288,7 @@ async def detect_image(
         },
         batch_size=output.batch_size,
     )
+    return ImageResult(response, detections, prepared.pixels)
 
 
 @detect_router.post(
@@ -277,7 +300,31 @@ async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectRe
     body = await read_body(request, state.settings.max_upload_bytes)
     (image,) = await uploaded_images(request, body, "file", max_files=1)
     with state.metrics.inflight.track_inprogress():
-        return await cancel_on_disconnect(request, detect_image(state, image, query, request.state.request_id, arrived))
+        work = detect_image(state, image, query, request.state.request_id, arrived)
+        return (await cancel_on_disconnect(request, work)).response
+
+
+@detect_router.post(
+    "/detect/annotated",
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **ERRORS},
+    response_class=Response,
+    openapi_extra=IMAGE_BODY,
+    summary="Detect objects and draw them",
+)
+async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -> Response:
+    """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
+    (JPEG, or PNG when the ``Accept`` header prefers ``image/png``). The JSON body's timings travel in headers."""
+    arrived = request.state.arrived
+    body = await read_body(request, state.settings.max_upload_bytes)
+    (image,) = await uploaded_images(request, body, "file", max_files=1)
+    media_type = negotiate(request.headers.get("accept"))
+    with state.metrics.inflight.track_inprogress():
+        work = detect_image(state, image, query, request.state.request_id, arrived, keep_pixels=True)
+        result = await cancel_on_disconnect(request, work)
+    drawn = await asyncio.get_running_loop().run_in_executor(
+        state.decode_pool, lambda: encode(annotate(result.pixels, result.detections), media_type)
+    )
+    return Response(drawn, media_type=media_type, headers={"X-Detections": str(len(result.detections))})
 
 
 @detect_router.post(
@@ -292,11 +339,21 @@ async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> Ba
     request_id = request.state.request_id
 
     async def all_images() -> list[DetectResponse]:
-        return list(await asyncio.gather(*(detect_image(state, i, query, request_id, arrived) for i in images)))
+        results = await asyncio.gather(*(detect_image(state, i, query, request_id, arrived) for i in images))
+        return [result.response for result in results]
 
     with state.metrics.inflight.track_inprogress():
         results = await cancel_on_disconnect(request, all_images())
     return BatchDetectResponse(request_id=request_id, results=results)
+
+
+PAGE = (resources.files("service") / "static" / "index.html").read_text()
+
+
+@ops_router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    """A self-contained page to try the detector in a browser (no CDN, works offline)."""
+    return HTMLResponse(PAGE)
 
 
 @ops_router.get("/healthz", response_model=Health, summary="Liveness")

@@ -1,0 +1,108 @@
+"""``akconv-detect IMAGE... [--url URL] [--conf C] [--save-annotated DIR] [--json]``: detect from a terminal.
+
+Sends each image to a running detector (through :class:`service.client.AsyncDetectorClient`, a few at a time),
+shows a progress bar for several images, and prints a table (or JSON lines with ``--json``). Exit status 1
+when any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service.client import AsyncDetectorClient, DetectorError
+from service.schemas import DetectResponse
+
+CONCURRENCY = 4
+
+
+async def _detect_all(
+    client: AsyncDetectorClient, images: list[Path], query: dict, annotated_dir: Path | None
+) -> list[DetectResponse | DetectorError | OSError]:
+    gate = asyncio.Semaphore(CONCURRENCY)
+    progress = tqdm(total=len(images), unit="image", file=sys.stderr, disable=len(images) < 2)
+
+    async def one(path: Path) -> DetectResponse | DetectorError | OSError:
+        async with gate:
+            try:
+                result = await client.detect(path, **query)
+                if annotated_dir is not None:
+                    drawn = await client.annotated(path, **query)
+                    (annotated_dir / f"{path.stem}.jpg").write_bytes(drawn)
+                return result
+            except (DetectorError, OSError) as error:
+                return error
+            finally:
+                progress.update()
+
+    try:
+        return await asyncio.gather(*(one(path) for path in images))
+    finally:
+        progress.close()
+
+
+def _table(images: list[Path], results: list) -> str:
+    rows = [("image", "class", "conf", "x1", "y1", "x2", "y2")]
+    for path, result in zip(images, results, strict=True):
+        if isinstance(result, Exception):
+            rows.append((path.name, f"error: {result}", "", "", "", "", ""))
+        elif not result.detections:
+            rows.append((path.name, "-", "", "", "", "", ""))
+        for d in [] if isinstance(result, Exception) else result.detections:
+            box = d.box
+            rows.append(
+                (
+                    path.name,
+                    d.class_name,
+                    f"{d.confidence:.2f}",
+                    *(f"{v:.1f}" for v in (box.x1, box.y1, box.x2, box.y2)),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="akconv-detect", description="Detect objects in images with a running detector."
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="detector address (default: %(default)s)")
+    parser.add_argument("--conf", type=float, default=None, help="minimum confidence (server default: 0.25)")
+    parser.add_argument("--max-det", type=int, default=None, help="most detections per image")
+    parser.add_argument("--classes", default=None, help="comma-separated class ids or names")
+    parser.add_argument("--api-key", default=None, help="API key, when the server requires one")
+    parser.add_argument("--save-annotated", type=Path, default=None, metavar="DIR", help="write annotated JPEGs here")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
+    args = parser.parse_args(argv)
+
+    if args.save_annotated is not None:
+        args.save_annotated.mkdir(parents=True, exist_ok=True)
+    query = {"conf": args.conf, "max_det": args.max_det, "classes": args.classes.split(",") if args.classes else None}
+
+    async def run() -> list:
+        async with AsyncDetectorClient(args.url, api_key=args.api_key) as client:
+            return await _detect_all(client, args.images, query, args.save_annotated)
+
+    results = asyncio.run(run())
+    if args.json:
+        for path, result in zip(args.images, results, strict=True):
+            if isinstance(result, Exception):
+                print(json.dumps({"file": str(path), "error": str(result)}))
+            else:
+                print(json.dumps({"file": str(path), **result.model_dump()}))
+    else:
+        print(_table(args.images, results))
+    if any(isinstance(result, Exception) for result in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The Python client and the CLI against a real server; retry policy without one."""
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.synthetic import SPLITS, render
+from service.client import AsyncDetectorClient, DetectorClient, DetectorError, _Policy
+from service.schemas import DetectResponse
+from tests.service.server import REPO, running_server
+
+SAMPLE = render(SPLITS["test"] + 3, 320)[0]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("client"), "--max-batch-size", "4", "--api-key", "k") as s:
+        yield s
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+class TestAgainstAServer:
+    def test_sync_detect_batch_and_annotated(self, server, tmp_path):
+        path = tmp_path / "sample.png"
+        path.write_bytes(png(SAMPLE))
+        with DetectorClient(server.url, api_key="k") as client:
+            result = client.detect(path, conf=0, max_det=5)
+            assert isinstance(result, DetectResponse) and len(result.detections) == 5
+            assert client.detect(png(SAMPLE), classes=["star"], conf=0).detections[0].class_name == "star"
+            assert [r.image.width for r in client.detect_batch([png(SAMPLE), png(SAMPLE[:160])])] == [320, 320]
+            drawn = Image.open(io.BytesIO(client.annotated(path, png=True)))
+            assert drawn.format == "PNG" and drawn.size == (320, 320)
+            assert Image.open(io.BytesIO(client.annotated(path))).format == "JPEG"
+            assert client.model_info().classes == ["triangle", "star"]
+
+    def test_errors_carry_the_server_code(self, server):
+        with DetectorClient(server.url, api_key="wrong") as client, pytest.raises(DetectorError) as error:
+            client.detect(png(SAMPLE))
+        assert (error.value.status, error.value.code) == (401, "unauthorized")
+        with DetectorClient(server.url, api_key="k") as client, pytest.raises(DetectorError) as error:
+            client.detect(b"not an image")
+        assert (error.value.status, error.value.code) == (415, "unsupported_media_type")
+        assert error.value.request_id
+
+    def test_async_client(self, server):
+        async def scenario():
+            async with AsyncDetectorClient(server.url, api_key="k") as client:
+                results = await asyncio.gather(*(client.detect(png(SAMPLE), conf=0) for _ in range(4)))
+                drawn = await client.annotated(png(SAMPLE))
+                return results, drawn
+
+        results, drawn = asyncio.run(scenario())
+        assert all(r.detections for r in results) and drawn[:2] == b"\xff\xd8"
+
+    def test_cli_table_json_and_annotated_files(self, server, tmp_path):
+        paths = []
+        for i in range(3):
+            paths.append(tmp_path / f"img{i}.png")
+            paths[-1].write_bytes(png(render(SPLITS["test"] + i, 320)[0]))
+        command = [sys.executable, "-m", "service.cli", "--url", server.url, "--api-key", "k", "--conf", "0"]
+        table = subprocess.run([*command, "--max-det", "2", *map(str, paths)], capture_output=True, text=True, cwd=REPO)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.strip().splitlines()
+        assert lines[0].split() == ["image", "class", "conf", "x1", "y1", "x2", "y2"] and len(lines) == 1 + 3 * 2
+        out_dir = tmp_path / "annotated"
+        as_json = subprocess.run(
+            [*command, "--json", "--save-annotated", str(out_dir), *map(str, paths)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        records = [json.loads(line) for line in as_json.stdout.splitlines()]
+        assert [r["file"] for r in records] == [str(p) for p in paths]
+        assert sorted(p.name for p in out_dir.iterdir()) == ["img0.jpg", "img1.jpg", "img2.jpg"]
+        assert "100%" in as_json.stderr, "a progress bar for several images"
+
+    def test_cli_reports_failures_with_status_1(self, server, tmp_path):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"nope")
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "--url", server.url, "--api-key", "k", str(bad)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 1 and "unsupported_media_type" in result.stdout
+
+
+def response(status: int, retry_after: str | None = None) -> httpx.Response:
+    return httpx.Response(status, headers={"retry-after": retry_after} if retry_after else {})
+
+
+def test_retry_policy_honours_retry_after_and_gives_up():
+    policy = _Policy(retries=2, backoff=0.5, max_backoff=10)
+    assert policy.delay(0, response(503, "3")) == 3
+    assert policy.delay(0, response(503, "300")) == 10, "capped"
+    assert policy.delay(1, response(503)) == 1.0, "exponential backoff without Retry-After"
+    assert policy.delay(0, None) == 0.5, "connection errors are retried"
+    assert policy.delay(2, response(503, "1")) is None, "at most `retries` retries"
+    assert policy.delay(0, response(400)) is None and policy.delay(0, response(504)) is None
+
+
+def test_sync_client_retries_503_then_succeeds():
+    calls = []
+    body = {
+        "request_id": "r", "model": {"name": "m", "version": "1"}, "image": {"width": 1, "height": 1},
+        "detections": [], "batch_size": 1,
+        "timings_ms": {"queue": 0, "preprocess": 0, "inference": 0, "postprocess": 0, "total": 0},
+    }  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 3:
+            return httpx.Response(
+                503, headers={"retry-after": "0"}, json={"error": {"code": "queue_full", "message": "full"}}
+            )
+        return httpx.Response(200, json=body)
+
+    client = DetectorClient("http://detector.invalid", backoff=0.01)
+    client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    assert client.detect(b"img").request_id == "r" and len(calls) == 3
+
+    calls.clear()
+    client.policy.retries = 1
+    with pytest.raises(DetectorError) as error:
+        client.detect(b"img")
+    assert error.value.code == "queue_full" and len(calls) == 2

@@ -1,0 +1,102 @@
+"""The web page in a real headless Chromium (Debian's), driven by Playwright, against a real server."""
+
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from model.synthetic import SPLITS, render
+from tests.deploy.tools import tool
+from tests.service.server import REPO, running_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ARTIFACTS = REPO / "runs" / "artifacts"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("page"), "--max-batch-size", "2") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=tool("chromium"), args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def sample(tmp_path: Path) -> Path:
+    path = tmp_path / "sample.png"
+    Image.fromarray(render(SPLITS["test"] + 5, 320)[0]).save(path)
+    return path
+
+
+def test_upload_draws_what_the_api_answers(server, browser, tmp_path):
+    image = sample(tmp_path)
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(server.url + "/")
+    assert page.title() == "AKConv detector"
+    page.set_input_files("#file", str(image))
+    page.fill("#conf", "0")
+    page.dispatch_event("#conf", "input")
+    page.click("#detect")
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+    expected = httpx.post(server.url + "/detect", params={"conf": 0}, files={"file": image.read_bytes()}).json()
+    rows = page.locator("#detections tbody tr")
+    assert rows.count() == len(expected["detections"]) > 0
+    for i, detection in enumerate(expected["detections"]):
+        cells = rows.nth(i).locator("td").all_inner_texts()
+        assert cells[0].strip() == detection["class_name"]
+        assert cells[1] == f"{detection['confidence']:.2f}"
+    drawn = page.eval_on_selector("#canvas", "c => JSON.parse(c.dataset.boxes)")
+    assert [d["class_id"] for d in drawn] == [d["class_id"] for d in expected["detections"]]
+    for box, detection in zip(drawn, expected["detections"], strict=True):
+        assert box["box"] == pytest.approx(list(detection["box"].values()), abs=0.01)
+    assert page.eval_on_selector("#canvas", "c => [c.width, c.height]") == [320, 320]
+    assert "detection(s)" in page.inner_text("#status")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+    page.close()
+
+
+def test_keyboard_and_narrow_screen(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(sample(tmp_path)))
+    stops = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.id"))
+    assert stops == ["drop", "conf", "api-key", "detect"], "every control is reachable in order by keyboard"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "no horizontal scrolling"
+    page.close()
+
+
+def test_errors_are_shown(server, browser, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.set_input_files("#file", str(bad))
+    page.click("#detect")
+    page.wait_for_selector("body[data-state=error]", timeout=60_000)
+    assert "unsupported_media_type" in page.inner_text("#status")
+    page.close()
+
+
+def test_page_needs_nothing_from_outside(server):
+    html = httpx.get(server.url + "/").text
+    assert "http://" not in html.replace("http://127.0.0.1", "") and "https://" not in html
+    assert "<script src" not in html and "<link" not in html
