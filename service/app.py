@@ -24,10 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
+from service.dependencies import BatchOutput, ServiceState
 from service.engine import Engine
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.routes import BatchOutput, ServiceState, detect_router, ops_router
+from service.routes import detect_router, ops_router
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("service.access")

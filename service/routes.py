@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from service.annotate import annotate, encode, negotiate
-from service.batcher import DynamicBatcher
-from service.config import Settings
-from service.engine import Detection, Engine
-from service.errors import (
-    BadRequest,
-    ClientGone,
-    NotReady,
-    PayloadTooLarge,
-    Unauthorized,
-    UnsupportedMediaType,
-)
+from service.dependencies import DetectQuery, QueryDep, ReadyDep, ServiceState, StateDep, require_api_key
+from service.engine import Detection
+from service.errors import BadRequest, ClientGone, PayloadTooLarge, UnsupportedMediaType
 from service.images import Letterbox, decode, letterbox
-from service.metrics import Metrics
 from service.schemas import (
     BatchDetectResponse,
     DetectResponse,
@@ -43,60 +32,6 @@ from service.schemas import (
 T = TypeVar("T")
 
 
-@dataclass
-class BatchOutput:
-    """What the batcher hands back for one image: its rows and the batch it ran in."""
-
-    rows: torch.Tensor  # (K, 6), see service.engine
-    batch_size: int
-    inference_seconds: float
-
-
-@dataclass
-class ServiceState:
-    """The long-lived objects of one app, built in its lifespan and kept on ``app.state.service``."""
-
-    settings: Settings
-    metrics: Metrics
-    decode_pool: ThreadPoolExecutor
-    engine: Engine | None = None
-    batcher: DynamicBatcher[torch.Tensor, BatchOutput] | None = None
-    ready: bool = False
-    draining: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def set_ready(self, ready: bool) -> None:
-        self.ready = ready
-        self.metrics.ready.set(1 if ready and not self.draining else 0)
-
-
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-StateDep = Annotated[ServiceState, Depends(get_state)]
-
-
-def require_api_key(request: Request, state: StateDep) -> None:
-    """With an API key configured: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` is required."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    given = request.headers.get("x-api-key") or ""
-    authorization = request.headers.get("authorization", "")
-    if not given and authorization.lower().startswith("bearer "):
-        given = authorization[7:].strip()
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("a valid API key is required (X-API-Key header or Authorization: Bearer)")
-
-
-def ready_state(state: StateDep) -> ServiceState:
-    if not state.ready or state.draining or state.engine is None or state.batcher is None:
-        raise NotReady("the model is not ready (warming up or draining)", {"Retry-After": "1"})
-    return state
-
-
-ReadyDep = Annotated[ServiceState, Depends(ready_state)]
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
 IMAGE_BODY = {
     "requestBody": {
@@ -125,40 +60,6 @@ BATCH_BODY = {
 
 detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detection"])
 ops_router = APIRouter(tags=["operations"])
-
-
-@dataclass(frozen=True)
-class DetectQuery:
-    conf: float
-    max_det: int
-    classes: set[int] | None
-
-
-def detect_query(
-    state: StateDep,
-    conf: Annotated[float | None, Query(ge=0, le=1, description="minimum confidence; default from settings")] = None,
-    max_det: Annotated[int | None, Query(ge=1, le=300, description="most detections per image")] = None,
-    classes: Annotated[str | None, Query(description="comma-separated class ids or names", examples=["star"])] = None,
-) -> DetectQuery:
-    selected = None
-    if classes:
-        names = state.engine.names if state.engine else []
-        selected = set()
-        for token in (t.strip() for t in classes.split(",") if t.strip()):
-            if token.isdigit() and int(token) < len(names):
-                selected.add(int(token))
-            elif token in names:
-                selected.add(names.index(token))
-            else:
-                raise BadRequest(f"unknown class {token!r}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
-    return DetectQuery(
-        conf=state.settings.default_conf if conf is None else conf,
-        max_det=state.settings.max_detections if max_det is None else max_det,
-        classes=selected,
-    )
-
-
-QueryDep = Annotated[DetectQuery, Depends(detect_query)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
