@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--project", type=Path, default=Path("runs/train"))
     train.add_argument("--name", default="akconv")
     train.add_argument("--resume", action="store_true", help="continue PROJECT/NAME/weights/last.pt")
+    train.add_argument("--weights", type=Path, default=None, help="start from this bundle or .pt (fine-tuning)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
     train.add_argument("--cache", choices=["ram", "disk"], default=None, help="cache decoded images")
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             project=args.project,
             name=args.name,
             resume=args.resume,
+            initial_weights=args.weights,
             seed=args.seed,
             close_mosaic=args.close_mosaic,
             cache=args.cache or False,

@@ -21,13 +21,14 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 
 from model.akconv import Indexing
 from model.build import CONFIG_DIR, build_model
-from model.checkpoint import import_checkpoint, save_bundle
+from model.checkpoint import import_checkpoint, load, save_bundle
 
 
 class AKConvTrainer(DetectionTrainer):
     """Ultralytics' detection trainer whose models come from :func:`model.build.build_model`."""
 
     indexing: Indexing = "ij"
+    initial_weights: Path | None = None  # a bundle or .pt whose matching tensors start a fresh run
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True):
         # Ultralytics' device selection leaves CPU training on cores - 1 threads (one thread on 2 cores).
@@ -38,6 +39,8 @@ class AKConvTrainer(DetectionTrainer):
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
+        elif self.initial_weights is not None:
+            model.load(load(self.initial_weights).model)  # tensors of matching shape; another nc is fine
         return model
 
 
@@ -55,13 +58,15 @@ def train(
     project: Path = Path("runs/train"),
     name: str = "akconv",
     resume: bool = False,
+    initial_weights: Path | None = None,
     seed: int = 0,
     **overrides: Any,
 ) -> Path:
     """Train, then write the bundle of the best epoch to ``out_dir``; returns ``out_dir``.
 
-    ``resume=True`` continues ``project/name/weights/last.pt``. ``overrides`` go to ultralytics as they are
-    (``lr0``, ``mosaic``, ``close_mosaic``, ...).
+    ``resume=True`` continues ``project/name/weights/last.pt``. ``initial_weights`` (a bundle or ``.pt``) starts
+    a new run from a trained model, e.g. to fine-tune the bundled model on your data. ``overrides`` go to
+    ultralytics as they are (``lr0``, ``mosaic``, ``close_mosaic``, ``time``, ...).
     """
     config_path = Path(config) if Path(config).exists() else CONFIG_DIR / f"{config}.yaml"
     run_dir = Path(project).resolve() / name
@@ -87,6 +92,7 @@ def train(
     started = time.monotonic()
     trainer = AKConvTrainer(overrides=args)
     trainer.indexing = indexing
+    trainer.initial_weights = initial_weights
     trainer.train()
     minutes = (time.monotonic() - started) / 60
 
@@ -102,6 +108,7 @@ def train(
         "device": device,
         "seed": seed,
         "train_minutes_last_run": round(minutes, 1),
+        "initial_weights": str(initial_weights) if initial_weights else None,
         "overrides": overrides,
         "val_metrics": {k: round(float(v), 4) for k, v in (trainer.metrics or {}).items()},
     }

@@ -5,27 +5,41 @@ from model.checkpoint import load
 from model.synthetic import write_dataset
 from model.train import train
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_one_cpu_epoch_on_a_tiny_data_set_writes_a_loadable_bundle(tmp_path):
-    data_yaml = write_dataset(tmp_path / "data", train=8, val=4, size=64)
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data_yaml = write_dataset(root / "data", train=8, val=4, size=64)
     bundle = train(
-        "yolov10n-akconv",
-        data_yaml,
-        tmp_path / "bundle",
-        imgsz=64,
-        epochs=1,
-        batch=4,
-        workers=0,
-        project=tmp_path / "runs",
-        name="tiny",
-    )
+        "yolov10n-akconv", data_yaml, root / "bundle", imgsz=64, epochs=1, batch=4, workers=0,
+        project=root / "runs", name="tiny",
+    )  # fmt: skip
+    return root, data_yaml, bundle
+
+
+def test_one_cpu_epoch_on_a_tiny_data_set_writes_a_loadable_bundle(tiny):
+    root, _, bundle = tiny
     loaded = load(bundle)
     assert loaded.metadata.akconv_indexing == "ij"
     assert loaded.metadata.input_size == 64
     assert loaded.metadata.names == ["triangle", "star"]
     provenance = loaded.metadata.provenance
     assert provenance["epochs"] == 1 and "metrics/mAP50(B)" in provenance["val_metrics"]
-    assert (tmp_path / "runs" / "tiny" / "weights" / "last.pt").exists(), "training is resumable from last.pt"
+    assert (root / "runs" / "tiny" / "weights" / "last.pt").exists(), "training is resumable from last.pt"
     with torch.no_grad():
         assert loaded.model(torch.rand(1, 3, 64, 64))[0].shape[0] == 1
+
+
+def test_a_run_can_start_from_a_bundle(tiny):
+    """With a zero learning rate the weights stay those of the starting bundle: they were loaded."""
+    root, data_yaml, bundle = tiny
+    tuned = train(
+        "yolov10n-akconv", data_yaml, root / "tuned", imgsz=64, epochs=1, batch=4, workers=0,
+        project=root / "runs", name="tuned", initial_weights=bundle, lr0=0.0, optimizer="SGD",
+    )  # fmt: skip
+    start, after = load(bundle).model.state_dict(), load(tuned).model.state_dict()
+    assert load(tuned).metadata.provenance["initial_weights"] == str(bundle)
+    for key in ("model.1.p_conv.weight", "model.1.conv.0.weight", "model.9.cv2.conv.weight"):
+        torch.testing.assert_close(after[key], start[key])
