@@ -46,12 +46,12 @@ def test_upload_draws_what_the_api_answers(server, browser, tmp_path):
     page.goto(server.url + "/")
     assert page.title() == "AKConv detector"
     page.set_input_files("#file", str(image))
-    page.fill("#conf", "0")
+    page.fill("#conf", "0.25")
     page.dispatch_event("#conf", "input")
     page.click("#detect")
     page.wait_for_selector("body[data-state=done]", timeout=60_000)
 
-    expected = httpx.post(server.url + "/detect", params={"conf": 0}, files={"file": image.read_bytes()}).json()
+    expected = httpx.post(server.url + "/detect", params={"conf": 0.25}, files={"file": image.read_bytes()}).json()
     rows = page.locator("#detections tbody tr")
     assert rows.count() == len(expected["detections"]) > 0
     for i, detection in enumerate(expected["detections"]):
