@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 reference = seed(x)
                 assert torch.allclose(ours(x), reference, rtol=1e-2 if dtype == torch.float16 else 1e-3, atol=1e-2)
                 timings = {
-                    name: time_ms(lambda m=module: m(x), device, repeats=args.repeats)
+                    name: time_ms(lambda m=module, x=x: m(x), device, repeats=args.repeats)
                     for name, module in (("seed", seed), ("ours eager", ours), ("ours compiled", compiled))
                 }
             rows.append(

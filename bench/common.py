@@ -18,7 +18,8 @@ def machine() -> dict[str, object]:
     cpu = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line), cpu)
+        names = (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line)
+        cpu = next(names, cpu)
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": torch.get_num_threads(),
