@@ -94,7 +94,7 @@ def test_service_answers_what_the_model_computes(server):
     detector = fuse_for_inference(loaded.model)
     pixels, _ = render(SPLITS["test"] + 4, 320)
     with torch.no_grad():
-        rows = detector(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        rows = detector(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)[0].numpy()
     rows = rows[rows[:, 4] >= 0.25]
     body = post_image(server.url, encode(pixels)).json()
     served = np.array([[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]]).reshape(-1, 6)
