@@ -76,8 +76,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def uploaded_images(request: Request, body: bytes, field_name: str, max_files: int) -> list[bytes]:
-    """Images of a multipart ``field_name`` field, or the raw body when its content type is ``image/*``."""
+async def uploaded_images(request: Request, limit: int, field_name: str, max_files: int) -> list[bytes]:
+    """Images of a multipart ``field_name`` field, or the raw body when its content type is ``image/*``; the body
+    is read within ``limit`` bytes (see :func:`read_body`)."""
+    body = await read_body(request, limit)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("image/"):
         return [body]
@@ -198,8 +200,7 @@ async def detect_image(
 async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
     arrived = request.state.arrived
-    body = await read_body(request, state.settings.max_upload_bytes)
-    (image,) = await uploaded_images(request, body, "file", max_files=1)
+    (image,) = await uploaded_images(request, state.settings.max_upload_bytes, "file", max_files=1)
     with state.metrics.inflight.track_inprogress():
         work = detect_image(state, image, query, request.state.request_id, arrived)
         return (await cancel_on_disconnect(request, work)).response
@@ -214,10 +215,9 @@ async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectRe
 )
 async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -> Response:
     """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
-    (JPEG, or PNG when the ``Accept`` header prefers ``image/png``). The JSON body's timings travel in headers."""
+    (JPEG, or PNG when the ``Accept`` header prefers ``image/png``); ``X-Detections`` holds the count."""
     arrived = request.state.arrived
-    body = await read_body(request, state.settings.max_upload_bytes)
-    (image,) = await uploaded_images(request, body, "file", max_files=1)
+    (image,) = await uploaded_images(request, state.settings.max_upload_bytes, "file", max_files=1)
     media_type = negotiate(request.headers.get("accept"))
     with state.metrics.inflight.track_inprogress():
         work = detect_image(state, image, query, request.state.request_id, arrived, keep_pixels=True)
@@ -235,8 +235,9 @@ async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -
 async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> BatchDetectResponse:
     """Several images (multipart field ``files``), answered in order; each is batched with all other traffic."""
     arrived = request.state.arrived
-    body = await read_body(request, state.settings.max_upload_bytes)
-    images = await uploaded_images(request, body, "files", max_files=state.settings.max_batch_files)
+    images = await uploaded_images(
+        request, state.settings.max_upload_bytes, "files", max_files=state.settings.max_batch_files
+    )
     request_id = request.state.request_id
 
     async def all_images() -> list[DetectResponse]:
