@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install system-deps serve test lint format bench-akconv evaluate clean
+.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load soak evaluate clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
@@ -17,6 +17,12 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 install: $(INSTALLED)
+
+# The benchmarks' extras (peer servers, ONNX Runtime) stay out of the test install.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PYTHON) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -42,6 +48,22 @@ format: $(INSTALLED)
 
 bench-akconv: $(INSTALLED)
 	$(PYTHON) -m bench.akconv
+
+bench-model: $(BENCH_INSTALLED)
+	$(PYTHON) -m bench.model
+	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --batches 1,2,4,8
+
+# The service and its two peers, one after the other, under the same load (bench/README.md).
+bench-load: $(BENCH_INSTALLED)
+	$(PYTHON) -m bench.load --name service --start "$(PYTHON) -m service --port 8000"
+	$(PYTHON) -m bench.load --name plain-fastapi --url http://127.0.0.1:8001 --ready-path /health \
+		--start "$(PYTHON) -m bench.peers.plain_fastapi --port 8001"
+	$(PYTHON) -m bench.load --name litserve --url http://127.0.0.1:8002 --ready-path /health \
+		--start "$(PYTHON) -m bench.peers.litserve_server --port 8002"
+
+# Ten minutes of mixed valid and invalid traffic; fails on any unexpected answer (docs/RELIABILITY.md).
+soak: $(INSTALLED)
+	$(PYTHON) -m bench.soak --minutes 10
 
 evaluate: $(INSTALLED)
 	$(PYTHON) -m model evaluate --count 500

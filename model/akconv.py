@@ -138,7 +138,9 @@ class AKConv(nn.Module):
         """Args: x (B, c1, H, W). Returns: (B, c2, H', W')."""
         offset = self.p_conv(x)  # (B, 2N, H', W')
         _, _, out_h, out_w = offset.shape
-        coords = base_grid(self.num_param, self.stride, out_h, out_w, self.indexing, offset.device, offset.dtype)
+        # Tracing (torch.compile, ONNX export) builds the grid in the graph: a cached traced tensor would leak out.
+        grid = base_grid.__wrapped__ if torch.compiler.is_compiling() else base_grid
+        coords = grid(self.num_param, self.stride, out_h, out_w, self.indexing, offset.device, offset.dtype)
         coords = coords + offset  # (B, 2N, H', W'): rows then columns, input pixels
         if self.training:
             return self._forward_exact(x, coords)
@@ -201,7 +203,7 @@ class AKConv(nn.Module):
         sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
         sampled = (sampled * factor.unsqueeze(1)).view(batch, channels * n, out_h, out_w)  # (B, C·N, H', W')
         mix, norm, act = self.conv
-        weight = mix.weight.reshape(mix.out_channels, channels * n, 1, 1)
+        weight = mix.weight.reshape(mix.out_channels, -1, 1, 1)  # (c2, C·N, 1, 1), independent of x's shape
         return act(norm(F.conv2d(sampled, weight, mix.bias)))  # (B, c2, H', W')
 
     @torch.no_grad()

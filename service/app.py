@@ -16,15 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
-from service.dependencies import BatchOutput, ServiceState
+from service.dependencies import BatchOutput, ServiceState, limit_headers
 from service.engine import Engine
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -89,8 +90,8 @@ class ObserveRequests:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            route = scope.get("route")  # set by FastAPI's routes; the docs routes are plain Starlette ones
+            endpoint = route.path if route else ("unmatched" if status == 404 else scope["path"])
             seconds = time.monotonic() - arrived
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(seconds)
@@ -154,10 +155,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         summary="YOLOv10-AKConv object detection with dynamic batching",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(limit_headers)],
     )
     app.state.service = state
     app.include_router(detect_router)
     app.include_router(ops_router)
+    if settings.cors_origins:  # off unless configured: browsers get no cross-origin access by default
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Detections", "X-Request-ID"],
+        )
     app.add_middleware(ObserveRequests, metrics=metrics)
 
     @app.exception_handler(ServiceError)
@@ -174,7 +184,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(Exception)

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(16, ge=1, le=64, description="files in one /detect/batch request")
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request headers (431 beyond)")
     api_key: SecretStr | None = Field(None, description="when set, requests need X-API-Key or a Bearer token")
+    metrics_require_key: bool = Field(False, description="put /metrics behind the API key too; probes stay open")
+    cors_origins: list[str] = Field([], description="origins browsers may call the API from; empty: CORS off")
     warmup_rounds: int = Field(1, ge=0, le=20, description="warm-up forwards at each batch size before ready")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -73,6 +76,8 @@ class Settings(BaseSettings):
     def _queue_holds_a_batch(self) -> Settings:
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.metrics_require_key and self.api_key is None:
+            raise ValueError("metrics_require_key needs an api_key to require")
         return self
 
     def public(self) -> dict[str, Any]:

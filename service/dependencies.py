@@ -13,7 +13,7 @@ from fastapi import Depends, Query, Request
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
-from service.errors import BadRequest, NotReady, Unauthorized
+from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized
 from service.metrics import Metrics
 
 
@@ -48,6 +48,16 @@ def get_state(request: Request) -> ServiceState:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def limit_headers(request: Request, state: StateDep) -> None:
+    """Every route: headers over ``max_header_bytes`` are refused with 431. (uvicorn's h11 limit only bounds
+    headers that arrive in pieces; a block that arrives whole is measured here.)"""
+    size = sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])  # "name: value\r\n"
+    if size > state.settings.max_header_bytes:
+        raise HeadersTooLarge(
+            f"the request headers are {size} bytes, more than the limit of {state.settings.max_header_bytes}"
+        )
 
 
 def require_api_key(request: Request, state: StateDep) -> None:

@@ -29,6 +29,16 @@ class PayloadTooLarge(ServiceError):
     status, code, rejection = 413, "payload_too_large", "too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive before the request's deadline (a slow or stalled upload)."""
+
+    status, code, rejection = 408, "request_timeout", "slow_upload"
+
+
+class HeadersTooLarge(ServiceError):
+    status, code, rejection = 431, "headers_too_large", "too_large"
+
+
 class UnsupportedMediaType(ServiceError):
     status, code, rejection = 415, "unsupported_media_type", "bad_input"
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 PAD_VALUE = 114  # ultralytics' letterbox grey, what the model saw in training
 
 Image.MAX_IMAGE_PIXELS = None  # the service checks its own pixel limit before decoding; see decode()
@@ -37,8 +37,9 @@ class Letterbox:
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode an uploaded image to an upright RGB array.
 
-    JPEG, PNG, WebP, BMP and TIFF; the EXIF orientation is applied; grayscale, RGBA, palette, 16-bit and CMYK are
-    converted to RGB. The pixel limit is checked from the header, before any pixel is decoded.
+    JPEG, PNG, WebP, BMP, TIFF and GIF; of an animation or a multi-page file, the first frame. The EXIF orientation
+    is applied; grayscale, RGBA, palette, 16-bit and CMYK are converted to RGB. The pixel limit is checked from the
+    header, before any pixel is decoded.
 
     Returns:
         uint8 array (H, W, 3).
@@ -53,11 +54,11 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF)") from None
+        raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise UndecodableImage(f"the image header could not be read: {error}") from None
     if image.format not in SUPPORTED_FORMATS:
-        raise UnsupportedMediaType(f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, TIFF)")
+        raise UnsupportedMediaType(f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, TIFF, GIF)")
     width, height = image.size
     if width * height > max_pixels:
         raise TooManyPixels(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")

@@ -14,7 +14,15 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 disable_created_metrics()  # no *_created series: dashboards don't use them and they double the exposition
 
-REJECTION_REASONS = ("queue_full", "deadline", "client_gone", "too_large", "bad_input", "unauthorized")
+REJECTION_REASONS = (
+    "queue_full",
+    "deadline",
+    "client_gone",
+    "slow_upload",
+    "too_large",
+    "bad_input",
+    "unauthorized",
+)
 
 
 class Metrics:

@@ -17,9 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from service.annotate import annotate, encode, negotiate
+from service.config import Settings
 from service.dependencies import DetectQuery, QueryDep, ReadyDep, ServiceState, StateDep, require_api_key
 from service.engine import Detection
-from service.errors import BadRequest, ClientGone, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, ClientGone, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from service.images import Letterbox, decode, letterbox
 from service.schemas import (
     BatchDetectResponse,
@@ -32,13 +33,17 @@ from service.schemas import (
 T = TypeVar("T")
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 431, 500, 503, 504)}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}},
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                },
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -52,6 +57,7 @@ BATCH_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
                 },
             }
         },
@@ -62,24 +68,30 @@ detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detect
 ops_router = APIRouter(tags=["operations"])
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, deadline: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when it
+    has not fully arrived by ``deadline`` (a ``time.monotonic()`` value): a stalled upload holds no slot forever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes, more than the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within the request timeout ({size} bytes received)") from None
     return b"".join(chunks)
 
 
-async def uploaded_images(request: Request, limit: int, field_name: str, max_files: int) -> list[bytes]:
+async def uploaded_images(request: Request, settings: Settings, field_name: str, max_files: int) -> list[bytes]:
     """Images of a multipart ``field_name`` field, or the raw body when its content type is ``image/*``; the body
-    is read within ``limit`` bytes (see :func:`read_body`)."""
-    body = await read_body(request, limit)
+    is read within the upload limit and the request's deadline (see :func:`read_body`)."""
+    deadline = request.state.arrived + settings.request_timeout_s
+    body = await read_body(request, settings.max_upload_bytes, deadline)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("image/"):
         return [body]
@@ -200,7 +212,7 @@ async def detect_image(
 async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
     arrived = request.state.arrived
-    (image,) = await uploaded_images(request, state.settings.max_upload_bytes, "file", max_files=1)
+    (image,) = await uploaded_images(request, state.settings, "file", max_files=1)
     with state.metrics.inflight.track_inprogress():
         work = detect_image(state, image, query, request.state.request_id, arrived)
         return (await cancel_on_disconnect(request, work)).response
@@ -217,7 +229,7 @@ async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -
     """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
     (JPEG, or PNG when the ``Accept`` header prefers ``image/png``); ``X-Detections`` holds the count."""
     arrived = request.state.arrived
-    (image,) = await uploaded_images(request, state.settings.max_upload_bytes, "file", max_files=1)
+    (image,) = await uploaded_images(request, state.settings, "file", max_files=1)
     media_type = negotiate(request.headers.get("accept"))
     with state.metrics.inflight.track_inprogress():
         work = detect_image(state, image, query, request.state.request_id, arrived, keep_pixels=True)
@@ -235,9 +247,7 @@ async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -
 async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> BatchDetectResponse:
     """Several images (multipart field ``files``), answered in order; each is batched with all other traffic."""
     arrived = request.state.arrived
-    images = await uploaded_images(
-        request, state.settings.max_upload_bytes, "files", max_files=state.settings.max_batch_files
-    )
+    images = await uploaded_images(request, state.settings, "files", max_files=state.settings.max_batch_files)
     request_id = request.state.request_id
 
     async def all_images() -> list[DetectResponse]:
@@ -289,8 +299,16 @@ async def config(state: StateDep) -> JSONResponse:
     return JSONResponse(state.settings.public())
 
 
-@ops_router.get("/metrics", summary="Prometheus metrics")
-async def metrics(state: StateDep) -> Response:
+@ops_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request, state: StateDep) -> Response:
+    """Open like the probes, unless ``metrics_require_key`` puts it behind the API key."""
+    if state.settings.metrics_require_key:
+        require_api_key(request, state)
     if state.engine is not None:
         for kind, value in state.engine.gpu_memory().items():
             state.metrics.gpu_memory.labels(kind).set(value)

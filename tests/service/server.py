@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,12 +73,22 @@ def running_process(
 
 
 @contextlib.contextmanager
-def running_server(tmp_dir: Path, *flags: str, ready_timeout: float = 180) -> Iterator[ServerProcess]:
-    """``python -m service`` on 127.0.0.1 with ``flags``; yields once /readyz answers 200; stops it afterwards."""
+def running_server(
+    tmp_dir: Path, *flags: str, ready_timeout: float = 180, entry: str = "service"
+) -> Iterator[ServerProcess]:
+    """``python -m <entry>`` (the service, or a test build of it) on 127.0.0.1 with ``flags``; yields once /readyz
+    answers 200; stops it afterwards."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_dir / f"server-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--warmup-rounds", "0"]
+    command = [sys.executable, "-m", entry, "--host", "127.0.0.1", "--port", str(port), "--warmup-rounds", "0"]
     with running_process([*command, *flags], log_path, url + "/readyz", ready_timeout, cwd=REPO, env=env) as process:
         yield ServerProcess(process, url, log_path)
+
+
+def metric_value(text: str, series: str) -> float:
+    """The value of ``series`` (a metric name with its labels, exactly as exported) in Prometheus text."""
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not exported"
+    return float(match.group(1))
