@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load soak evaluate clean
+.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load load-trio soak evaluate clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
@@ -49,17 +49,26 @@ format: $(INSTALLED)
 bench-akconv: $(INSTALLED)
 	$(PYTHON) -m bench.akconv
 
+# The seed recipe's model at 640 has no trained weights here: speed is measured on random ones.
+SEED_MODEL_BUNDLE := runs/bench/yolov10s-akconv-random
+$(SEED_MODEL_BUNDLE)/model.json: $(INSTALLED)
+	$(PYTHON) -m bench.random_bundle yolov10s-akconv $(SEED_MODEL_BUNDLE) --size 640
+
 bench-model: $(BENCH_INSTALLED)
 	$(PYTHON) -m bench.model
-	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --batches 1,2,4,8
+	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --batches 1,2,4,8 --warmup 2 --repeats 5
 
-# The service and its two peers, one after the other, under the same load (bench/README.md).
-bench-load: $(BENCH_INSTALLED)
-	$(PYTHON) -m bench.load --name service --start "$(PYTHON) -m service --port 8000"
-	$(PYTHON) -m bench.load --name plain-fastapi --url http://127.0.0.1:8001 --ready-path /health \
-		--start "$(PYTHON) -m bench.peers.plain_fastapi --port 8001"
-	$(PYTHON) -m bench.load --name litserve --url http://127.0.0.1:8002 --ready-path /health \
-		--start "$(PYTHON) -m bench.peers.litserve_server --port 8002"
+# The service and its two peers, one after the other, under the same load, for the bundled model and the seed's.
+bench-load: $(BENCH_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json
+	$(MAKE) --no-print-directory load-trio NAME=n320 MODEL=model/weights/yolov10n-akconv
+	$(MAKE) --no-print-directory load-trio NAME=s640 MODEL=$(SEED_MODEL_BUNDLE)
+
+load-trio:
+	$(PYTHON) -m bench.load --name service-$(NAME) --start "$(PYTHON) -m service --port 8000 --model-path $(MODEL)"
+	$(PYTHON) -m bench.load --name plain-fastapi-$(NAME) --url http://127.0.0.1:8001 --ready-path /health \
+		--start "$(PYTHON) -m bench.peers.plain_fastapi --port 8001 --model $(MODEL)"
+	$(PYTHON) -m bench.load --name litserve-$(NAME) --url http://127.0.0.1:8002 --ready-path /health \
+		--start "$(PYTHON) -m bench.peers.litserve_server --port 8002 --model $(MODEL)"
 
 # Ten minutes of mixed valid and invalid traffic; fails on any unexpected answer (docs/RELIABILITY.md).
 soak: $(INSTALLED)

@@ -1,12 +1,14 @@
 """Image decoding and letterboxing: pure functions, no web framework, no model.
 
-``decode`` turns uploaded bytes into an upright RGB uint8 array; ``letterbox`` fits it into the model's square
-input the way ultralytics does (aspect kept, centred, grey 114 padding); ``unletterbox_boxes`` maps boxes back.
+``decode`` turns uploaded bytes into an upright RGB uint8 array (for the model, a JPEG at a reduced scale);
+``letterbox`` fits it into the model's square input the way ultralytics does (aspect kept, centred, grey 114
+padding); ``unletterbox_boxes`` maps boxes back.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 PAD_VALUE = 114  # ultralytics' letterbox grey, what the model saw in training
+ORIENTATION_TAG = 0x0112  # EXIF
 
 Image.MAX_IMAGE_PIXELS = None  # the service checks its own pixel limit before decoding; see decode()
 
@@ -34,15 +37,26 @@ class Letterbox:
     pad_y: float
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Decoded:
+    """An uploaded image, upright RGB. ``pixels`` may be smaller than the image itself (see :func:`decode`'s
+    ``fit``); ``width`` and ``height`` are always the upright image's own size, the frame boxes are answered in."""
+
+    pixels: np.ndarray  # (h, w, 3) uint8
+    width: int
+    height: int
+
+
+def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
     """Decode an uploaded image to an upright RGB array.
 
     JPEG, PNG, WebP, BMP, TIFF and GIF; of an animation or a multi-page file, the first frame. The EXIF orientation
     is applied; grayscale, RGBA, palette, 16-bit and CMYK are converted to RGB. The pixel limit is checked from the
     header, before any pixel is decoded.
 
-    Returns:
-        uint8 array (H, W, 3).
+    With ``fit`` (the model's input side, pixels), a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (libjpeg's own scaling) when that still leaves at least the size it will be resized to: 2-3x faster than a
+    full decode for a photo several times larger than the input, and the pixels the model sees barely change.
 
     Raises:
         UnsupportedMediaType: not an image in a supported format.
@@ -65,8 +79,13 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still usable
+            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # stored sideways
+                width, height = height, width
+            if fit is not None:
+                scale = fit / max(width, height)  # what letterbox() will scale by; the same for the stored frame
+                image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return Decoded(_to_rgb(image), width, height)
     except (OSError, ValueError, SyntaxError) as error:
         raise UndecodableImage(f"the image could not be decoded: {error}") from None
 
@@ -82,21 +101,24 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 
-def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
-    """Resize ``image`` (H, W, 3) to fit ``size``×``size`` keeping its aspect, pad centred with grey 114.
+def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """Resize ``image`` to fit ``size``×``size`` keeping its aspect, pad centred with grey 114.
+
+    The geometry is the image's own (``image.width`` × ``image.height``), whatever size its pixels were decoded at.
 
     Returns:
         (tensor, geometry): uint8 tensor (3, size, size) RGB, and the :class:`Letterbox` to map boxes back.
     """
-    height, width = image.shape[:2]
+    width, height = image.width, image.height
     scale = min(size / height, size / width)
     new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
-    if (new_w, new_h) != (width, height):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pixels = image.pixels
+    if pixels.shape[:2] != (new_h, new_w):
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     pad_x, pad_y = (size - new_w) / 2, (size - new_h) / 2
     left, top = round(pad_x - 0.1), round(pad_y - 0.1)  # ultralytics' rounding of odd padding
     canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = image
+    canvas[top : top + new_h, left : left + new_w] = pixels
     tensor = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
     return tensor, Letterbox(width, height, scale, float(left), float(top))
 

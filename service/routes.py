@@ -146,9 +146,9 @@ class Prepared:
 
 def _preprocess(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
     started = time.monotonic()
-    pixels = decode(data, max_pixels)
-    tensor, geometry = letterbox(pixels, size)
-    return Prepared(tensor, geometry, time.monotonic() - started, pixels if keep_pixels else None)
+    image = decode(data, max_pixels, fit=None if keep_pixels else size)  # drawing needs the full resolution
+    tensor, geometry = letterbox(image, size)
+    return Prepared(tensor, geometry, time.monotonic() - started, image.pixels if keep_pixels else None)
 
 
 @dataclass

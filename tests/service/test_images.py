@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.synthetic import render
 from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
-from service.images import decode, letterbox, unletterbox_boxes
+from service.images import Decoded, decode, letterbox, unletterbox_boxes
 
 LIMIT = 10_000_000
 
@@ -14,6 +15,10 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+def as_decoded(pixels: np.ndarray) -> Decoded:
+    return Decoded(pixels, pixels.shape[1], pixels.shape[0])
 
 
 def gradient(width=40, height=30) -> Image.Image:
@@ -26,7 +31,7 @@ def gradient(width=40, height=30) -> Image.Image:
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF"])
 def test_supported_formats_decode_to_rgb(fmt):
-    pixels = decode(encode(gradient(), fmt), LIMIT)
+    pixels = decode(encode(gradient(), fmt), LIMIT).pixels
     assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8
     assert pixels[:, -1, 0].mean() > 200 and pixels[:, 0, 0].mean() < 50
 
@@ -44,13 +49,13 @@ def test_supported_formats_decode_to_rgb(fmt):
 )
 def test_modes_are_converted_to_rgb(image):
     fmt = "JPEG" if image.mode == "CMYK" else "PNG" if image.mode != "CMYK" else "TIFF"
-    pixels = decode(encode(image, fmt), LIMIT)
+    pixels = decode(encode(image, fmt), LIMIT).pixels
     assert pixels.shape == (30, 40, 3)
 
 
 def test_sixteen_bit_grayscale_is_rescaled_not_clipped():
     values = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
-    pixels = decode(encode(Image.fromarray(values), "PNG"), LIMIT)
+    pixels = decode(encode(Image.fromarray(values), "PNG"), LIMIT).pixels
     assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255 and 100 < pixels[0, 20, 0] < 160
 
 
@@ -58,9 +63,25 @@ def test_exif_orientation_is_applied():
     image = gradient(40, 30)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    pixels = decode(encode(image, "JPEG", exif=exif), LIMIT)
+    pixels = decode(encode(image, "JPEG", exif=exif), LIMIT).pixels
     assert pixels.shape == (40, 30, 3)
     assert pixels[-1, :, 0].mean() > 200, "the bright right edge is now at the bottom"
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decoded_for_the_model_gives_the_same_input_at_a_reduced_scale(orientation):
+    """``fit``: a 1280×960 photo is decoded at 1/4 scale, just the 320×240 it is resized to; the geometry is the
+    photo's own and the letterboxed input differs from the full decode's only by resampling noise."""
+    photo = Image.fromarray(render(3, 1280)[0]).resize((1280, 960))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo.rotate(90, expand=True) if orientation == 6 else photo, "JPEG", quality=95, exif=exif)
+    full, reduced = decode(data, LIMIT), decode(data, LIMIT, fit=320)
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (1280, 960)
+    assert reduced.pixels.shape == (240, 320, 3) and full.pixels.shape == (960, 1280, 3)
+    (full_input, full_geometry), (reduced_input, reduced_geometry) = letterbox(full, 320), letterbox(reduced, 320)
+    assert reduced_geometry == full_geometry
+    assert (full_input.float() - reduced_input.float()).abs().mean() < 2  # of 255
 
 
 def test_pixel_limit_is_checked_from_the_header():
@@ -74,9 +95,9 @@ def test_pixel_limit_is_checked_from_the_header():
         (b"", UndecodableImage),
         (b"definitely not an image", UnsupportedMediaType),
         (encode(gradient(), "JPEG")[:200], UndecodableImage),
-        (encode(gradient(), "GIF"), UnsupportedMediaType),
+        (encode(gradient(), "ICO"), UnsupportedMediaType),
     ],
-    ids=["empty", "text", "truncated-jpeg", "gif"],
+    ids=["empty", "text", "truncated-jpeg", "ico"],
 )
 def test_bad_input_raises_typed_errors(data, error):
     with pytest.raises(error):
@@ -86,7 +107,7 @@ def test_bad_input_raises_typed_errors(data, error):
 @pytest.mark.parametrize("shape", [(30, 40), (40, 30), (64, 64), (500, 120)])
 def test_letterbox_then_unletterbox_round_trips_boxes(shape):
     height, width = shape
-    tensor, geometry = letterbox(np.zeros((height, width, 3), np.uint8), 64)
+    tensor, geometry = letterbox(as_decoded(np.zeros((height, width, 3), np.uint8)), 64)
     assert tuple(tensor.shape) == (3, 64, 64) and (geometry.width, geometry.height) == (width, height)
     boxes = np.array([[0.0, 0.0, width, height], [width / 4, height / 4, width / 2, height / 2]])
     in_model = boxes * geometry.scale + [geometry.pad_x, geometry.pad_y, geometry.pad_x, geometry.pad_y]
@@ -94,12 +115,12 @@ def test_letterbox_then_unletterbox_round_trips_boxes(shape):
 
 
 def test_letterbox_pads_with_grey_around_the_centred_image():
-    tensor, geometry = letterbox(np.full((32, 64, 3), 255, np.uint8), 64)
+    tensor, geometry = letterbox(as_decoded(np.full((32, 64, 3), 255, np.uint8)), 64)
     assert geometry.pad_y == 16 and geometry.pad_x == 0
     assert tensor[:, :16].eq(114).all() and tensor[:, 16:48].eq(255).all() and tensor[:, 48:].eq(114).all()
 
 
 def test_unletterbox_clips_to_the_image():
-    _, geometry = letterbox(np.zeros((32, 64, 3), np.uint8), 64)
+    _, geometry = letterbox(as_decoded(np.zeros((32, 64, 3), np.uint8)), 64)
     mapped = unletterbox_boxes(np.array([[-10.0, 0.0, 80.0, 64.0]]), geometry)
     np.testing.assert_allclose(mapped, [[0, 0, 64, 32]])
