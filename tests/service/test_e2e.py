@@ -76,8 +76,8 @@ def test_detections_on_synthetic_samples_match_the_truth(server, scale):
         detected += len(rows)
         found += int(hits.sum())
         truths += len(truth)
-    # Floors of the interim bundled model (measured: recall 10/14, precision 10/15-10/18 at these sizes); a
-    # wrong box mapping scores near zero. Raise them with the next model (see model/README.md).
+    # Floors set with the stage-1 model (measured: recall 10/14, precision 10/15-10/18 at these sizes; the bundled
+    # stage-2 model is stronger, model/README.md); a wrong box mapping scores near zero.
     assert found / truths >= 0.6, f"recall {found}/{truths}"
     assert correct / max(detected, 1) >= 0.45, f"precision {correct}/{detected}"
 
