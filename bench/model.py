@@ -42,7 +42,6 @@ import torch
 
 from bench.akconv import seed_class
 from bench.common import print_table, time_ms, write_results
-from model import akconv
 from model.build import Detector, akconv_layers, build_model, fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, load
 from model.synthetic import SPLITS
@@ -107,17 +106,11 @@ def onnx_forward(detector: Detector, size: int, max_batch: int, threads: int, ou
             exported,
             (example,),
             str(path),
-            # The legacy TorchScript exporter (dynamo=False) fails on AKConv: its mixing weight is reshaped with a
-            # channel count read from the input's shape, which the tracer records as dynamic ("convolution for
-            # kernel of unknown shape").
-            dynamo=True,
+            dynamo=True,  # torch.export-based; AKConv builds its sampling grid in the graph while traced
             input_names=["images"],
             output_names=["rows"],
             dynamic_shapes={"images": {0: batch}},
         )
-    # AKConv caches its sampling grid per shape (an lru_cache); the export filled it with the trace's tensors, which
-    # the eager model would then get back (a "tensor subclass" output). Emptied so the next call rebuilds real ones.
-    akconv.base_grid.cache_clear()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
