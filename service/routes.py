@@ -34,35 +34,20 @@ T = TypeVar("T")
 
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 431, 500, 503, 504)}
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                },
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["files"],
-                },
-            }
-        },
-    }
-}
+BINARY = {"type": "string", "format": "binary"}
+
+
+def _request_body(content: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _multipart(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    form = {"type": "object", "properties": {field: schema}, "required": [field]}
+    return {"multipart/form-data": {"schema": form}}
+
+
+IMAGE_BODY = _request_body({**_multipart("file", BINARY), "image/*": {"schema": BINARY}})
+BATCH_BODY = _request_body(_multipart("files", {"type": "array", "items": BINARY}))
 
 detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detection"])
 ops_router = APIRouter(tags=["operations"])
