@@ -82,7 +82,7 @@ def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
             if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # stored sideways
                 width, height = height, width
             if fit is not None:
-                scale = fit / max(width, height)  # what letterbox() will scale by; the same for the stored frame
+                scale = fit_scale(width, height, fit)  # letterbox()'s; the same for the stored, sideways frame
                 image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             image = ImageOps.exif_transpose(image)
             return Decoded(_to_rgb(image), width, height)
@@ -101,6 +101,11 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 
+def fit_scale(width: int, height: int, size: int) -> float:
+    """The factor that fits ``width`` × ``height`` into ``size`` × ``size``, aspect kept."""
+    return min(size / height, size / width)
+
+
 def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
     """Resize ``image`` to fit ``size``×``size`` keeping its aspect, pad centred with grey 114.
 
@@ -110,7 +115,7 @@ def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
         (tensor, geometry): uint8 tensor (3, size, size) RGB, and the :class:`Letterbox` to map boxes back.
     """
     width, height = image.width, image.height
-    scale = min(size / height, size / width)
+    scale = fit_scale(width, height, size)
     new_w, new_h = max(round(width * scale), 1), max(round(height * scale), 1)
     pixels = image.pixels
     if pixels.shape[:2] != (new_h, new_w):
