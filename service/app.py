@@ -131,6 +131,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             observer=_observer(metrics),
         )
         state.batcher.start()
+        metrics.queue_capacity.set(settings.max_queue)
         metrics.model_info.info(
             {
                 "name": state.engine.name,

@@ -52,6 +52,9 @@ class Metrics:
             "detector_batch_size", "Images per inference batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
         self.queue_depth = Gauge("detector_queue_depth", "Images waiting for inference", registry=registry)
+        self.queue_capacity = Gauge(
+            "detector_queue_capacity", "Images that may wait before requests are refused (max_queue)", registry=registry
+        )
         self.inflight = Gauge("detector_inflight_requests", "Detection requests being handled", registry=registry)
         self.ready = Gauge("detector_ready", "1 when warmed up and not draining", registry=registry)
         self.rejected = Counter(

@@ -31,6 +31,7 @@ METRIC_NAMES = [
     "detector_inference_duration_seconds_bucket",
     "detector_batch_size_bucket",
     "detector_queue_depth",
+    "detector_queue_capacity",
     "detector_inflight_requests",
     "detector_ready",
     "detector_rejected_total",
@@ -303,6 +304,7 @@ def test_full_queue_refuses_with_retry_after_and_answers_everything_accepted(con
     text = httpx.get(constrained.url + "/metrics", headers=KEY).text
     assert metric_value(text, 'detector_rejected_total{reason="queue_full"}') >= statuses.count(503)
     assert metric_value(text, "detector_queue_depth") == 0
+    assert metric_value(text, "detector_queue_capacity") == 2  # what the queue alert divides by
 
 
 def test_deadlines_give_504(tmp_path):
