@@ -10,6 +10,10 @@
 Retries: a 503 (queue full, not ready) is retried after the server's ``Retry-After`` (or an exponential backoff
 when it sends none), and so is a connection that could not be made; at most ``retries`` times. Any other error
 raises :class:`DetectorError` carrying the server's status and error code. Timeouts are per request (seconds).
+
+``detect_batch`` answers one item per image, in order: its :class:`DetectResponse`, or, for an image the server
+could not use (undecodable, too many pixels), a :class:`DetectorError` in its place, returned rather than raised
+so that the other images' results are kept.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from service.schemas import BatchDetectResponse, DetectResponse, ModelInfo
+from service.schemas import BatchDetectResponse, DetectResponse, ImageError, ModelInfo
 
 Image = bytes | str | Path
 Model = TypeVar("Model", bound=BaseModel)
@@ -127,6 +131,16 @@ class _Base:
             return model.model_validate(response.json())
         raise _error(response)
 
+    @classmethod
+    def _batch_results(cls, response: httpx.Response) -> list[DetectResponse | DetectorError]:
+        answer = cls._parse(response, BatchDetectResponse)
+        return [
+            DetectorError(result.status, result.error.code, result.error.message, answer.request_id)
+            if isinstance(result, ImageError)
+            else result
+            for result in answer.results
+        ]
+
     @staticmethod
     def _content(response: httpx.Response) -> bytes:
         if response.is_success:
@@ -168,8 +182,8 @@ class DetectorClient(_Base):
     def detect(self, image: Image, **query: Any) -> DetectResponse:
         return self._parse(self._send(*self._detect_call(image, **query)), DetectResponse)
 
-    def detect_batch(self, images: Iterable[Image], **query: Any) -> list[DetectResponse]:
-        return self._parse(self._send(*self._batch_call(images, **query)), BatchDetectResponse).results
+    def detect_batch(self, images: Iterable[Image], **query: Any) -> list[DetectResponse | DetectorError]:
+        return self._batch_results(self._send(*self._batch_call(images, **query)))
 
     def annotated(self, image: Image, *, png: bool = False, **query: Any) -> bytes:
         """The image with its detections drawn, as JPEG (or PNG)."""
@@ -212,8 +226,8 @@ class AsyncDetectorClient(_Base):
     async def detect(self, image: Image, **query: Any) -> DetectResponse:
         return self._parse(await self._send(*self._detect_call(image, **query)), DetectResponse)
 
-    async def detect_batch(self, images: Iterable[Image], **query: Any) -> list[DetectResponse]:
-        return self._parse(await self._send(*self._batch_call(images, **query)), BatchDetectResponse).results
+    async def detect_batch(self, images: Iterable[Image], **query: Any) -> list[DetectResponse | DetectorError]:
+        return self._batch_results(await self._send(*self._batch_call(images, **query)))
 
     async def annotated(self, image: Image, *, png: bool = False, **query: Any) -> bytes:
         return self._content(await self._send(*self._annotated_call(image, png, **query)))

@@ -39,15 +39,19 @@ class HeadersTooLarge(ServiceError):
     status, code, rejection = 431, "headers_too_large", "too_large"
 
 
-class UnsupportedMediaType(ServiceError):
+class ImageRejected(ServiceError):
+    """The image itself cannot be used, not the request or the service: in a batch only its own result fails."""
+
+
+class UnsupportedMediaType(ImageRejected):
     status, code, rejection = 415, "unsupported_media_type", "bad_input"
 
 
-class UndecodableImage(ServiceError):
+class UndecodableImage(ImageRejected):
     status, code, rejection = 422, "undecodable_image", "bad_input"
 
 
-class TooManyPixels(ServiceError):
+class TooManyPixels(ImageRejected):
     status, code, rejection = 422, "too_many_pixels", "too_large"
 
 

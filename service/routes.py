@@ -20,13 +20,21 @@ from service.annotate import annotate, encode, negotiate
 from service.config import Settings
 from service.dependencies import DetectQuery, QueryDep, ReadyDep, ServiceState, StateDep, require_api_key
 from service.engine import Detection
-from service.errors import BadRequest, ClientGone, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    ClientGone,
+    ImageRejected,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from service.images import Letterbox, decode, letterbox
 from service.schemas import (
     BatchDetectResponse,
     DetectResponse,
     ErrorResponse,
     Health,
+    ImageError,
     ModelInfo,
 )
 
@@ -230,14 +238,29 @@ async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -
     summary="Detect objects in several images",
 )  # fmt: skip
 async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> BatchDetectResponse:
-    """Several images (multipart field ``files``), answered in order; each is batched with all other traffic."""
+    """Several images (multipart field ``files``), answered in order; each is batched with all other traffic.
+
+    A file that cannot be used (:class:`ImageRejected`) gets its error in its own slot. Any other failure (queue
+    full, deadline, inference) fails the whole request and cancels the images still waiting.
+    """
     arrived = request.state.arrived
     images = await uploaded_images(request, state.settings, "files", max_files=state.settings.max_batch_files)
     request_id = request.state.request_id
 
-    async def all_images() -> list[DetectResponse]:
-        results = await asyncio.gather(*(detect_image(state, i, query, request_id, arrived) for i in images))
-        return [result.response for result in results]
+    async def one_image(image: bytes) -> DetectResponse | ImageError:
+        try:
+            return (await detect_image(state, image, query, request_id, arrived)).response
+        except ImageRejected as error:
+            state.metrics.rejected.labels(error.rejection).inc()
+            return ImageError(status=error.status, error={"code": error.code, "message": error.message})
+
+    async def all_images() -> list[DetectResponse | ImageError]:
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one_image(image)) for image in images]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the failure that cancelled the others
+        return [task.result() for task in tasks]
 
     with state.metrics.inflight.track_inprogress():
         results = await cancel_on_disconnect(request, all_images())

@@ -66,9 +66,25 @@ class DetectResponse(BaseModel):
     batch_size: int = Field(description="images in the inference batch this image ran in")
 
 
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["queue_full"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ImageError(ErrorResponse):
+    status: int = Field(description="what /detect answers for this image alone", examples=[422])
+
+
 class BatchDetectResponse(BaseModel):
     request_id: str
-    results: list[DetectResponse] = Field(description="one per file, in the order sent")
+    results: list[DetectResponse | ImageError] = Field(
+        description="one per file, in the order sent: its detections, or the error of a file that cannot be used "
+        "(unsupported_media_type, undecodable_image, too_many_pixels); the other files are answered all the same"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -81,15 +97,6 @@ class ModelInfo(BaseModel):
     akconv_layers: int
     akconv_indexing: str
     parameters: int
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(examples=["queue_full"])
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 class Health(BaseModel):

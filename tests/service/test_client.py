@@ -42,6 +42,10 @@ class TestAgainstAServer:
             assert isinstance(result, DetectResponse) and len(result.detections) == 5
             assert client.detect(png(SAMPLE), classes=["star"], conf=0).detections[0].class_name == "star"
             assert [r.image.width for r in client.detect_batch([png(SAMPLE), png(SAMPLE[:160])])] == [320, 320]
+            answered, refused = client.detect_batch([png(SAMPLE), b"not an image"])
+            assert isinstance(answered, DetectResponse)
+            assert isinstance(refused, DetectorError)
+            assert (refused.status, refused.code) == (415, "unsupported_media_type")
             drawn = Image.open(io.BytesIO(client.annotated(path, png=True)))
             assert drawn.format == "PNG" and drawn.size == (320, 320)
             assert Image.open(io.BytesIO(client.annotated(path))).format == "JPEG"

@@ -6,6 +6,7 @@ import asyncio
 import io
 import re
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -145,6 +146,21 @@ def test_batch_endpoint_answers_in_order(server):
     )
     assert response.status_code == 200
     assert [r["image"]["width"] for r in response.json()["results"]] == [96, 128, 160]
+
+
+def test_batch_answers_a_bad_file_in_its_own_slot(server):
+    good = encode(render(SPLITS["test"], 128)[0])
+    files = [good, good[: len(good) // 2], b"plain text", good]
+    before = httpx.get(server.url + "/metrics").text
+    response = httpx.post(server.url + "/detect/batch", files=[("files", ("x.png", d)) for d in files], timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["image"]["width"] for r in (results[0], results[3])] == [128, 128]
+    assert results[1]["status"] == 422 and results[1]["error"]["code"] == "undecodable_image"
+    assert results[2]["status"] == 415 and results[2]["error"]["code"] == "unsupported_media_type"
+    after = httpx.get(server.url + "/metrics").text
+    rejected = 'detector_rejected_total{reason="bad_input"}'
+    assert metric_value(after, rejected) - metric_value(before, rejected) == 2
 
 
 def test_64_concurrent_requests_are_batched(server):
@@ -305,6 +321,28 @@ def test_full_queue_refuses_with_retry_after_and_answers_everything_accepted(con
     assert metric_value(text, 'detector_rejected_total{reason="queue_full"}') >= statuses.count(503)
     assert metric_value(text, "detector_queue_depth") == 0
     assert metric_value(text, "detector_queue_capacity") == 2  # what the queue alert divides by
+
+
+def test_batch_beyond_the_queue_bound_fails_as_a_whole(constrained):
+    """The images still queued when the queue refuses one are cancelled, not computed for nobody."""
+
+    def metrics() -> str:
+        return httpx.get(constrained.url + "/metrics", headers=KEY).text
+
+    computed_before = metric_value(metrics(), "detector_batch_size_sum")
+    data = encode(render(SPLITS["test"], 96)[0])
+    files = [("files", ("x.png", data)) for _ in range(8)]  # the queue holds 2, batches hold 1
+    response = httpx.post(constrained.url + "/detect/batch", files=files, headers=KEY, timeout=60)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "queue_full"
+    for _ in range(100):  # the worker drops the cancelled images when its current batch is done
+        if metric_value(text := metrics(), "detector_queue_depth") == 0:
+            break
+        time.sleep(0.05)
+    # The image in flight when the queue overflowed finishes (at most one more if a batch closed meanwhile);
+    # the two queued ones do not run.
+    assert metric_value(text, "detector_queue_depth") == 0
+    assert metric_value(text, "detector_batch_size_sum") - computed_before <= 2
 
 
 def test_deadlines_give_504(tmp_path):
