@@ -29,10 +29,8 @@ import contextlib
 import importlib.util
 import io
 import itertools
-import os
 import random
 import shlex
-import signal
 import subprocess
 import tempfile
 import time
@@ -51,6 +49,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import print_table, write_results
+from bench.processes import running_process
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 BATCH_SIZE_METRIC = "detector_batch_size"  # service/metrics.py
@@ -325,36 +324,12 @@ async def warm_up(url: str, payloads: Sequence[Payload], rounds: int = 1, timeou
 def serving(
     command: str, base_url: str, ready_path: str = "/readyz", timeout_s: float = 300.0
 ) -> Iterator[subprocess.Popen]:
-    """Run ``command`` in its own process group until the block ends; yields the process once it is ready (its
-    output goes to a temporary log file, named in the error if it fails to start).
-
-    Stopped with SIGTERM to the whole group (servers such as LitServe leave worker processes behind otherwise),
-    SIGKILL after 60 s.
-    """
+    """Run ``command`` until the block ends; yields the process once it is ready. Its output goes to a temporary
+    log file, quoted in the error if it fails to start; see :func:`bench.processes.running_process`."""
     require_loopback(base_url)
     log_path = Path(tempfile.mkstemp(prefix="bench-load-", suffix=".log")[1])
-    with log_path.open("w") as log:
-        process = subprocess.Popen(shlex.split(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command!r} exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{base_url}{ready_path} not ready after {timeout_s} s; log: {log_path}")
-            time.sleep(0.5)
+    with running_process(shlex.split(command), log_path, base_url + ready_path, timeout_s) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the group the child leads (start_new_session)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def _table_row(summary: dict[str, Any]) -> dict[str, object]:

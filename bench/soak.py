@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import socket
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from bench.common import print_table, write_results
 from bench.load import Payload, open_loop, real_payloads, serving, synthetic_payloads, warm_up
+from bench.processes import free_port, rss_bytes
 
 
 def bad_payloads(valid: Payload) -> list[Payload]:
@@ -35,19 +34,6 @@ def bad_payloads(valid: Payload) -> list[Payload]:
         Payload("text.png", b"not an image\n", "image/png", field=None, expected_statuses=frozenset({415})),
         Payload("wrong-field.jpg", valid.body, field="image", expected_statuses=frozenset({400})),
     ]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def soak(url: str, pid: int, payloads: list[Payload], minutes: float, rate: float, window_s: float) -> dict:
@@ -65,7 +51,7 @@ async def soak(url: str, pid: int, payloads: list[Payload], minutes: float, rate
                 "requests": summary["requests"],
                 "p50_ms": summary["p50_ms"],
                 "p99_ms": summary["p99_ms"],
-                "rss_mib": round(rss_mib(pid), 1),
+                "rss_mib": round(rss_bytes(pid) / 2**20, 1),
                 "unexpected": sum(result.unexpected.values()),
             }
         )

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from bench.processes import free_port, running_process
 from model.synthetic import render
 from tests.deploy.tools import DEPLOY, tool
-from tests.service.server import free_port, running_process, running_server
+from tests.service.server import running_server
 
 PROMETHEUS = DEPLOY / "prometheus"
 

@@ -6,7 +6,6 @@ The figures go to ``runs/artifacts/reliability.json``; ``docs/RELIABILITY.md`` q
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -38,11 +37,3 @@ def record():
     yield lambda name, **values: figures.__setitem__(name, values)
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
     FIGURES.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of process ``pid``, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")

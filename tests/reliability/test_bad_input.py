@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.conftest import rss_bytes
+from bench.processes import rss_bytes
 from tests.reliability.corpus import REQUEST_TIMEOUT_S, Case, corpus, encode, sample, send
 
 LEAKS = ("Traceback", 'File "', "site-packages", ".py", "/work", "/home", "/usr")
