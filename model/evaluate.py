@@ -8,6 +8,7 @@ mAP is ultralytics' ``ap_per_class`` over IoU 0.50:0.95; precision and recall ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,29 @@ def match_detections(
     return hits
 
 
+@dataclass
+class MatchCounts:
+    """Detections matched to ground truth at IoU >= 0.5, accumulated over images."""
+
+    hits: int = 0  # detections that matched a box (= boxes found)
+    detections: int = 0
+    truths: int = 0
+
+    def add(self, detections: np.ndarray, truth: np.ndarray) -> None:
+        """``detections`` (n, 6) already filtered by confidence; ``truth`` (m, 5) as in :func:`match_detections`."""
+        self.hits += int(match_detections(detections, truth, IOU_THRESHOLDS[:1])[:, 0].sum())
+        self.detections += len(detections)
+        self.truths += len(truth)
+
+    @property
+    def recall(self) -> float:
+        return self.hits / max(self.truths, 1)
+
+    @property
+    def precision(self) -> float:
+        return self.hits / max(self.detections, 1)
+
+
 @torch.inference_mode()
 def detect_synthetic(detector: torch.nn.Module, seeds: range, size: int, batch: int = 8):
     """Yield ``(detections (300, 6) ndarray, truth (m, 5) ndarray)`` for each seed, ``batch`` images at a time."""
@@ -69,18 +93,14 @@ def evaluate_synthetic(
     first_seed = SPLITS["test"] if first_seed is None else first_seed
     detector = fuse_for_inference(loaded.model)
     hits, scores, classes, truth_classes = [], [], [], []
-    confident_hits = confident = truths = 0
+    confident = MatchCounts()
     for detections, truth in detect_synthetic(detector, range(first_seed, first_seed + count), size):
         detections = detections[detections[:, 4] > 0.001]
-        matched = match_detections(detections, truth)
-        hits.append(matched)
+        hits.append(match_detections(detections, truth))
         scores.append(detections[:, 4])
         classes.append(detections[:, 5])
         truth_classes.append(truth[:, 0])
-        is_confident = detections[:, 4] >= 0.25
-        confident += int(is_confident.sum())
-        confident_hits += int(match_detections(detections[is_confident], truth)[:, 0].sum())
-        truths += len(truth)
+        confident.add(detections[detections[:, 4] >= 0.25], truth)
     ap = ap_per_class(
         np.concatenate(hits), np.concatenate(scores), np.concatenate(classes), np.concatenate(truth_classes)
     )[5]  # (classes, 10)
@@ -89,9 +109,9 @@ def evaluate_synthetic(
         "images": count,
         "first_seed": first_seed,
         "size": size,
-        "ground_truth_boxes": truths,
+        "ground_truth_boxes": confident.truths,
         "mAP50": round(float(ap[:, 0].mean()), 4),
         "mAP50-95": round(float(ap.mean()), 4),
-        "precision@0.25": round(confident_hits / max(confident, 1), 4),
-        "recall@0.25": round(confident_hits / max(truths, 1), 4),
+        "precision@0.25": round(confident.precision, 4),
+        "recall@0.25": round(confident.recall, 4),
     }

@@ -2,13 +2,12 @@
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
 from model.build import fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, load, load_model
-from model.evaluate import detect_synthetic, match_detections
+from model.evaluate import MatchCounts, detect_synthetic
 from model.synthetic import SPLITS
 
 
@@ -36,14 +35,8 @@ def test_finds_most_objects_of_20_fresh_seeds():
     loaded = load()
     detector = fuse_for_inference(loaded.model)
     seeds = range(SPLITS["test"] + 10_000, SPLITS["test"] + 10_020)  # outside every training/validation range
-    found = truths = correct = detected = 0
+    counts = MatchCounts()
     for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size):
-        confident = detections[detections[:, 4] >= 0.25]
-        hits = match_detections(confident, truth, np.array([0.5]))[:, 0]
-        correct += int(hits.sum())
-        detected += len(confident)
-        found += int(hits.sum())
-        truths += len(truth)
-    recall, precision = found / truths, correct / max(detected, 1)
-    assert recall >= 0.7, f"found {found} of {truths} boxes"
-    assert precision >= 0.7, f"{correct} of {detected} detections are right"
+        counts.add(detections[detections[:, 4] >= 0.25], truth)
+    assert counts.recall >= 0.7, f"found {counts.hits} of {counts.truths} boxes"
+    assert counts.precision >= 0.7, f"{counts.hits} of {counts.detections} detections are right"
