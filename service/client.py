@@ -12,8 +12,8 @@ when it sends none), and so is a connection that could not be made; at most ``re
 raises :class:`DetectorError` carrying the server's status and error code. Timeouts are per request (seconds).
 
 ``detect_batch`` answers one item per image, in order: its :class:`DetectResponse`, or, for an image the server
-could not use (undecodable, too many pixels), a :class:`DetectorError` in its place, returned rather than raised
-so that the other images' results are kept.
+could not use (not an image, undecodable, too many pixels), a :class:`DetectorError` in its place, returned rather
+than raised so that the other images' results are kept.
 """
 
 from __future__ import annotations
