@@ -6,6 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
+
+def _override(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value typed as YAML reads it (``0.001`` a float, ``false`` a bool)."""
+    key, equals, value = item.partition("=")
+    if not key or not equals:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, yaml.safe_load(value)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
@@ -29,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
     train.add_argument("--cache", choices=["ram", "disk"], default=None, help="cache decoded images")
     train.add_argument("--time", type=float, default=None, help="hours; fits the epochs to it (also on --resume)")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", type=_override,
+        help="any other ultralytics train setting, e.g. --set lr0=0.001 --set optimizer=AdamW (repeatable)",
+    )  # fmt: skip
 
     convert = commands.add_parser("convert", help="convert an ultralytics .pt into a bundle")
     convert.add_argument("checkpoint", type=Path)
@@ -63,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             close_mosaic=args.close_mosaic,
             cache=args.cache or False,
             **({"time": args.time} if args.time else {}),
+            **dict(args.set),
         )
         print(f"bundle written to {out}")
     elif args.command == "convert":

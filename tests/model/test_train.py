@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from model.__main__ import main
 from model.checkpoint import load
 from model.synthetic import write_dataset
 from model.train import train
@@ -33,12 +34,16 @@ def test_one_cpu_epoch_on_a_tiny_data_set_writes_a_loadable_bundle(tiny):
 
 
 def test_a_run_can_start_from_a_bundle(tiny):
-    """With a zero learning rate the weights stay those of the starting bundle: they were loaded."""
+    """With a zero learning rate (set from the command line) the weights stay those of the starting bundle."""
     root, data_yaml, bundle = tiny
-    tuned = train(
-        "yolov10n-akconv", data_yaml, root / "tuned", imgsz=64, epochs=1, batch=4, workers=0,
-        project=root / "runs", name="tuned", initial_weights=bundle, lr0=0.0, optimizer="SGD",
-    )  # fmt: skip
+    tuned = root / "tuned"
+    main([
+        "train", "--data", str(data_yaml), "--out", str(tuned), "--imgsz", "64", "--epochs", "1", "--batch", "4",
+        "--workers", "0", "--project", str(root / "runs"), "--name", "tuned", "--weights", str(bundle),
+        "--set", "lr0=0.0", "--set", "optimizer=SGD",
+    ])  # fmt: skip
+    overrides = load(tuned).metadata.provenance["overrides"]
+    assert (overrides["lr0"], overrides["optimizer"]) == (0.0, "SGD")
     start, after = load(bundle).model.state_dict(), load(tuned).model.state_dict()
     assert load(tuned).metadata.provenance["initial_weights"] == str(bundle)
     for key in ("model.1.p_conv.weight", "model.1.conv.0.weight", "model.9.cv2.conv.weight"):
