@@ -81,8 +81,12 @@ def test_clients_gone_while_queued_are_skipped(server, client, record):
     async def scenario() -> tuple[httpx.Response, list, httpx.Response]:
         slow = asyncio.ensure_future(post_many(server.url, [marker_png(SLOW)]))
         started = metric_value(before, "detector_queue_wait_seconds_count")
-        while metric_value(await asyncio.to_thread(metrics, client), "detector_queue_wait_seconds_count") == started:
-            await asyncio.sleep(0.05)  # until the slow image has left the queue for the worker
+        for _ in range(200):  # until the slow image has left the queue for the worker (10 s at most)
+            if metric_value(await asyncio.to_thread(metrics, client), "detector_queue_wait_seconds_count") > started:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the slow image never reached the worker")
         impatient = await post_many(server.url, [IMAGE] * 5, timeout=SLOW_SECONDS / 3)
         patient = await post_many(server.url, [IMAGE])
         return (await slow)[0], impatient, patient[0]
