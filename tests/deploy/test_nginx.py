@@ -131,3 +131,15 @@ def test_a_draining_replica_loses_no_request(tmp_path):
         )
         assert statuses == [200] * 40
         assert a.process.wait(60) in (0, -signal.SIGTERM)
+
+
+def test_the_service_not_nginx_sets_the_header_limit(tmp_path):
+    """A 12 KiB header passes nginx (its default stops at 8 KiB per line, with an HTML 400); headers over the
+    service's 16 KiB in all get the service's JSON 431 through nginx."""
+    (tmp_path / "replica").mkdir()
+    (tmp_path / "nginx").mkdir()
+    with running_server(tmp_path / "replica") as replica, running_nginx(tmp_path / "nginx", [replica.url]) as lb:
+        assert httpx.get(lb + "/healthz", headers={"X-Trace": "t" * 12 * 1024}).status_code == 200
+        response = httpx.get(lb + "/healthz", headers={"X-A": "a" * 10 * 1024, "X-B": "b" * 10 * 1024})
+        assert response.status_code == 431
+        assert response.json()["error"]["code"] == "headers_too_large"
