@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import io
 import re
 import signal
 import subprocess
@@ -10,15 +9,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from bench.processes import free_port, running_process
 from model.synthetic import render
 from tests.deploy.tools import DEPLOY, tool
+from tests.image_files import encode
 from tests.service.server import running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 UPSTREAM = re.compile(r"^(\s*)server detector:8000 (.*);$", re.MULTILINE)
+IMAGE = encode(render(11, 320)[0])
 
 
 def loopback_config(replica_urls: list[str], port: int, prefix: Path) -> str:
@@ -70,12 +70,6 @@ def two_replicas_behind_nginx(tmp_path: Path):
         yield lb, a, b
 
 
-def image_bytes() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(render(11, 320)[0]).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def served(replica_url: str) -> float:
     text = httpx.get(replica_url + "/metrics").text
     match = re.search(r'^detector_requests_total\{endpoint="/detect",status="200"\} (\S+)$', text, re.MULTILINE)
@@ -105,7 +99,7 @@ async def clients(url: str, data: bytes, count: int, concurrency: int, during=No
 
 def test_requests_spread_over_both_replicas(tmp_path):
     with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
-        statuses = asyncio.run(clients(lb, image_bytes(), count=24, concurrency=6))
+        statuses = asyncio.run(clients(lb, IMAGE, count=24, concurrency=6))
         assert statuses == [200] * 24
         assert served(a.url) > 0 and served(b.url) > 0, "least_conn uses both replicas"
         assert served(a.url) + served(b.url) == 24
@@ -116,7 +110,7 @@ def test_requests_spread_over_both_replicas(tmp_path):
 def test_killing_a_replica_mid_run_loses_no_request(tmp_path):
     with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
         statuses = asyncio.run(
-            clients(lb, image_bytes(), count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGKILL))
+            clients(lb, IMAGE, count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGKILL))
         )
         assert a.process.wait(10) == -signal.SIGKILL
         assert statuses == [200] * 40, "nginx re-sends what the dead replica did not answer"
@@ -127,7 +121,7 @@ def test_a_draining_replica_loses_no_request(tmp_path):
     """SIGTERM: the replica answers what it accepted and refuses the rest; nginx sends those to the other one."""
     with two_replicas_behind_nginx(tmp_path) as (lb, a, b):
         statuses = asyncio.run(
-            clients(lb, image_bytes(), count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGTERM))
+            clients(lb, IMAGE, count=40, concurrency=6, during=lambda: a.process.send_signal(signal.SIGTERM))
         )
         assert statuses == [200] * 40
         assert a.process.wait(60) in (0, -signal.SIGTERM)

@@ -1,7 +1,6 @@
 """Prometheus from Debian: config and rule checks, alert unit tests, and a real Prometheus scraping a replica."""
 
 import contextlib
-import io
 import json
 import subprocess
 import time
@@ -10,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from PIL import Image
 
 from bench.processes import free_port, running_process
 from model.synthetic import render
 from tests.deploy.tools import DEPLOY, tool
+from tests.image_files import encode
 from tests.service.server import running_server
 
 PROMETHEUS = DEPLOY / "prometheus"
@@ -74,8 +73,6 @@ def query(url: str, expr: str) -> list:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_dashboard_queries_return_data_from_a_real_replica(tmp_path):
-    buffer = io.BytesIO()
-    Image.fromarray(render(7, 320)[0]).save(buffer, format="PNG")
     with (
         running_server(tmp_path, "--max-batch-size", "4") as replica,
         running_prometheus(tmp_path, replica.url.removeprefix("http://")) as prometheus,
@@ -89,7 +86,7 @@ def test_dashboard_queries_return_data_from_a_real_replica(tmp_path):
                 httpx.post(
                     replica.url + "/detect",
                     params={"conf": 0},
-                    files={"file": ("x.png", buffer.getvalue())},
+                    files={"file": ("x.png", encode(render(7, 320)[0]))},
                     timeout=60,
                 )
             httpx.post(replica.url + "/detect", params={"conf": "abc"}, content=b"x", timeout=10)

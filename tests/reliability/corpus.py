@@ -7,7 +7,6 @@ with the limits in :data:`SERVER_FLAGS`.
 from __future__ import annotations
 
 import functools
-import io
 import struct
 import zlib
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from model.synthetic import render
+from tests.image_files import encode
 
 MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4_000_000
@@ -62,12 +62,6 @@ def send(client: httpx.Client, case: Case) -> httpx.Response:
 def _chunks(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
-
-
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def sample(seed: int = 7, size: int = 320) -> Image.Image:

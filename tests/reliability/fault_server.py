@@ -9,18 +9,17 @@ Two marker images, uniform squares of one colour (letterboxing keeps them unifor
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from service.__main__ import serve
 from service.app import create_app
 from service.config import settings_from_cli
 from service.engine import Engine
+from tests.image_files import encode
 
 POISON = (255, 0, 255)
 SLOW = (0, 255, 255)
@@ -28,9 +27,7 @@ SLOW_SECONDS = 3.0
 
 
 def marker_png(colour: tuple[int, int, int], size: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode(np.full((size, size, 3), colour, dtype=np.uint8))
 
 
 def _is_marker(image: torch.Tensor, colour: tuple[int, int, int]) -> bool:

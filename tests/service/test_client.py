@@ -7,22 +7,16 @@ import subprocess
 import sys
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
 from model.synthetic import SPLITS, render
 from service.client import AsyncDetectorClient, DetectorClient, DetectorError, _Policy
 from service.schemas import DetectResponse
+from tests.image_files import encode
 from tests.service.server import REPO, running_server
 
 SAMPLE = render(SPLITS["test"] + 3, 320)[0]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +30,13 @@ def server(tmp_path_factory):
 class TestAgainstAServer:
     def test_sync_detect_batch_and_annotated(self, server, tmp_path):
         path = tmp_path / "sample.png"
-        path.write_bytes(png(SAMPLE))
+        path.write_bytes(encode(SAMPLE))
         with DetectorClient(server.url, api_key="k") as client:
             result = client.detect(path, conf=0, max_det=5)
             assert isinstance(result, DetectResponse) and len(result.detections) == 5
-            assert client.detect(png(SAMPLE), classes=["star"], conf=0).detections[0].class_name == "star"
-            assert [r.image.width for r in client.detect_batch([png(SAMPLE), png(SAMPLE[:160])])] == [320, 320]
-            answered, refused = client.detect_batch([png(SAMPLE), b"not an image"])
+            assert client.detect(encode(SAMPLE), classes=["star"], conf=0).detections[0].class_name == "star"
+            assert [r.image.width for r in client.detect_batch([encode(SAMPLE), encode(SAMPLE[:160])])] == [320, 320]
+            answered, refused = client.detect_batch([encode(SAMPLE), b"not an image"])
             assert isinstance(answered, DetectResponse)
             assert isinstance(refused, DetectorError)
             assert (refused.status, refused.code) == (415, "unsupported_media_type")
@@ -53,7 +47,7 @@ class TestAgainstAServer:
 
     def test_errors_carry_the_server_code(self, server):
         with DetectorClient(server.url, api_key="wrong") as client, pytest.raises(DetectorError) as error:
-            client.detect(png(SAMPLE))
+            client.detect(encode(SAMPLE))
         assert (error.value.status, error.value.code) == (401, "unauthorized")
         with DetectorClient(server.url, api_key="k") as client, pytest.raises(DetectorError) as error:
             client.detect(b"not an image")
@@ -63,8 +57,8 @@ class TestAgainstAServer:
     def test_async_client(self, server):
         async def scenario():
             async with AsyncDetectorClient(server.url, api_key="k") as client:
-                results = await asyncio.gather(*(client.detect(png(SAMPLE), conf=0) for _ in range(4)))
-                drawn = await client.annotated(png(SAMPLE))
+                results = await asyncio.gather(*(client.detect(encode(SAMPLE), conf=0) for _ in range(4)))
+                drawn = await client.annotated(encode(SAMPLE))
                 return results, drawn
 
         results, drawn = asyncio.run(scenario())
@@ -74,7 +68,7 @@ class TestAgainstAServer:
         paths = []
         for i in range(3):
             paths.append(tmp_path / f"img{i}.png")
-            paths[-1].write_bytes(png(render(SPLITS["test"] + i, 320)[0]))
+            paths[-1].write_bytes(encode(render(SPLITS["test"] + i, 320)[0]))
         command = [sys.executable, "-m", "service.cli", "--url", server.url, "--api-key", "k", "--conf", "0"]
         table = subprocess.run([*command, "--max-det", "2", *map(str, paths)], capture_output=True, text=True, cwd=REPO)
         assert table.returncode == 0, table.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 import signal
 import time
@@ -19,6 +18,7 @@ from model.build import fuse_for_inference
 from model.checkpoint import load
 from model.evaluate import MatchCounts
 from model.synthetic import SPLITS, render
+from tests.image_files import encode
 from tests.service.server import metric_value, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,12 +39,6 @@ METRIC_NAMES = [
     "detector_detections_total",
     "detector_model_info",
 ]
-
-
-def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,3 @@
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,14 +5,9 @@ from PIL import Image
 from model.synthetic import render
 from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
 from service.images import Decoded, decode, letterbox, unletterbox_boxes
+from tests.image_files import encode
 
 LIMIT = 10_000_000
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
 
 
 def as_decoded(pixels: np.ndarray) -> Decoded:
