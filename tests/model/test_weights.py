@@ -29,8 +29,8 @@ def test_default_is_the_bundled_model_and_needs_no_pickle(monkeypatch):
 def test_finds_most_objects_of_20_fresh_seeds():
     """Recall and precision at IoU >= 0.5 and confidence 0.25 on seeds it never saw.
 
-    Floors of the bundled model (measured: recall 69/82 = 0.84, precision 69/88 = 0.78). Issue 3's bar (0.85 and
-    0.85) is not met yet: see the model card in model/README.md. Raise these with the next model.
+    Floors of the bundled model (measured: recall 70/82 = 0.85, precision 70/85 = 0.82), one box below. Issue 3's
+    precision bar (0.85) is not met yet: see the model card in model/README.md. Raise these with the next model.
     """
     loaded = load()
     detector = fuse_for_inference(loaded.model)
@@ -38,5 +38,5 @@ def test_finds_most_objects_of_20_fresh_seeds():
     counts = MatchCounts()
     for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size):
         counts.add(detections[detections[:, 4] >= 0.25], truth)
-    assert counts.recall >= 0.8, f"found {counts.hits} of {counts.truths} boxes"
-    assert counts.precision >= 0.75, f"{counts.hits} of {counts.detections} detections are right"
+    assert counts.recall >= 0.84, f"found {counts.hits} of {counts.truths} boxes"
+    assert counts.precision >= 0.8, f"{counts.hits} of {counts.detections} detections are right"

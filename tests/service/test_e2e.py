@@ -68,10 +68,10 @@ def test_detections_on_synthetic_samples_match_the_truth(server, scale):
             [[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]], dtype=np.float32
         ).reshape(-1, 6)
         counts.add(rows, truth)
-    # Floors of the bundled model (measured: recall 12/14 at each size, precision 12/17, 12/17, 12/15); a wrong
+    # Floors of the bundled model (measured: recall 12/14 at each size, precision 12/16, 12/16, 12/15); a wrong
     # box mapping scores near zero.
-    assert counts.recall >= 0.75, f"recall {counts.hits}/{counts.truths}"
-    assert counts.precision >= 0.6, f"precision {counts.hits}/{counts.detections}"
+    assert counts.recall >= 0.78, f"recall {counts.hits}/{counts.truths}"
+    assert counts.precision >= 0.7, f"precision {counts.hits}/{counts.detections}"
 
 
 def test_service_answers_what_the_model_computes(server):
