@@ -51,6 +51,12 @@ def post_image(url: str, data: bytes, filename="image.png", params=None, **kwarg
     return httpx.post(url + "/detect", files={"file": (filename, data)}, params=params, timeout=60, **kwargs)
 
 
+def detection_rows(body: dict) -> np.ndarray:
+    """A /detect answer's detections as the model returns them: (n, 6) float32 ``[x1, y1, x2, y2, score, class]``."""
+    rows = [[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]]
+    return np.array(rows, dtype=np.float32).reshape(-1, 6)
+
+
 @pytest.mark.parametrize("scale", [(1.0, 1.0), (1.5, 1.25), (0.8, 1.1)], ids=["as-trained", "larger", "non-square"])
 def test_detections_on_synthetic_samples_match_the_truth(server, scale):
     """Boxes come back in the original image's pixels, whatever its size (letterbox undone)."""
@@ -64,10 +70,7 @@ def test_detections_on_synthetic_samples_match_the_truth(server, scale):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["image"] == {"width": width, "height": height}
-        rows = np.array(
-            [[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]], dtype=np.float32
-        ).reshape(-1, 6)
-        counts.add(rows, truth)
+        counts.add(detection_rows(body), truth)
     # Floors of the bundled model (measured: recall 12/14 at each size, precision 12/16, 12/16, 12/15); a wrong
     # box mapping scores near zero.
     assert counts.recall >= 0.78, f"recall {counts.hits}/{counts.truths}"
@@ -84,7 +87,7 @@ def test_service_answers_what_the_model_computes(server):
     rows = rows[rows[:, 4] >= 0.25]
     rows[:, :4] = rows[:, :4].clip(0, 320)  # the service clips boxes to the image; the raw head need not
     body = post_image(server.url, encode(pixels)).json()
-    served = np.array([[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]]).reshape(-1, 6)
+    served = detection_rows(body)
     assert len(served) == len(rows) > 0
     np.testing.assert_allclose(served[:, :4], rows[:, :4], atol=0.1)
     np.testing.assert_allclose(served[:, 4], rows[:, 4], atol=1e-3)
