@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
     evaluate.add_argument("--count", type=int, default=500)
     evaluate.add_argument("--first-seed", type=int, default=None, help="default: the 'test' split")
-    evaluate.add_argument("--size", type=int, default=None, help="image size (default: the model's input size)")
+    evaluate.add_argument(
+        "--size", type=int, default=None,
+        help="side of the rendered images; resized to the model's input size as the service does (default: that size)",
+    )  # fmt: skip
 
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torchvision.ops import box_iou
@@ -75,26 +76,39 @@ class MatchCounts:
 
 
 @torch.inference_mode()
-def detect_synthetic(detector: torch.nn.Module, seeds: range, size: int, batch: int = 8):
-    """Yield ``(detections (300, 6) ndarray, truth (m, 5) ndarray)`` for each seed, ``batch`` images at a time."""
+def detect_synthetic(detector: torch.nn.Module, seeds: range, size: int, input_size: int, batch: int = 8):
+    """Yield ``(detections (300, 6) ndarray, truth (m, 5) ndarray)`` for each seed, ``batch`` images at a time.
+
+    Samples are rendered at ``size`` px and resized to the model's ``input_size`` px as the service's letterbox does
+    (bilinear; the images are square, so there is no padding); detections come back in the rendered image's pixels.
+    """
+    scale = size / input_size
     for start in range(seeds.start, seeds.stop, batch):
         samples = [render(seed, size) for seed in range(start, min(start + batch, seeds.stop))]
-        images = torch.from_numpy(np.stack([image for image, _ in samples])).permute(0, 3, 1, 2).float() / 255
+        pixels = [cv2.resize(image, (input_size, input_size), interpolation=cv2.INTER_LINEAR) for image, _ in samples]
+        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
         for output, (_, truth) in zip(detector(images), samples, strict=True):
-            yield output.numpy(), truth
+            detections = output.numpy()
+            detections[:, :4] *= scale
+            yield detections, truth
 
 
 def evaluate_synthetic(
     model_path: str | Path | None = None, count: int = 500, first_seed: int | None = None, size: int | None = None
 ) -> dict[str, float | int | str]:
-    """mAP50, mAP50-95, and precision/recall at confidence 0.25 on ``count`` synthetic seeds."""
+    """mAP50, mAP50-95, and precision/recall at confidence 0.25 on ``count`` synthetic seeds.
+
+    ``size``: the side of the rendered images (default: the model's input size); the model always sees its input size.
+    """
     loaded = load(model_path)
-    size = size or loaded.metadata.input_size
+    input_size = loaded.metadata.input_size
+    size = size or input_size
     first_seed = SPLITS["test"] if first_seed is None else first_seed
     detector = fuse_for_inference(loaded.model)
     hits, scores, classes, truth_classes = [], [], [], []
     confident = MatchCounts()
-    for detections, truth in detect_synthetic(detector, range(first_seed, first_seed + count), size):
+    seeds = range(first_seed, first_seed + count)
+    for detections, truth in detect_synthetic(detector, seeds, size, input_size):
         detections = detections[detections[:, 4] > 0.001]
         hits.append(match_detections(detections, truth))
         scores.append(detections[:, 4])
@@ -109,6 +123,7 @@ def evaluate_synthetic(
         "images": count,
         "first_seed": first_seed,
         "size": size,
+        "input_size": input_size,
         "ground_truth_boxes": confident.truths,
         "mAP50": round(float(ap[:, 0].mean()), 4),
         "mAP50-95": round(float(ap.mean()), 4),

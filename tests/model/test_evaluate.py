@@ -1,8 +1,10 @@
 """Matching detections to ground truth, as the held-out evaluation and the quality floors count them."""
 
 import numpy as np
+import torch
 
-from model.evaluate import MatchCounts, match_detections
+from model.evaluate import MatchCounts, detect_synthetic, match_detections
+from model.synthetic import render
 
 TRUTH = np.array([[0, 10, 10, 50, 50], [1, 100, 100, 140, 160]], dtype=np.float32)  # [class, x1, y1, x2, y2]
 
@@ -35,3 +37,19 @@ def test_counts_give_recall_over_boxes_and_precision_over_detections():
     counts.add(np.zeros((0, 6), np.float32), TRUTH[:1])
     assert (counts.hits, counts.detections, counts.truths) == (1, 2, 3)
     assert counts.recall == 1 / 3 and counts.precision == 1 / 2
+
+
+def test_samples_are_resized_to_the_input_size_and_detections_mapped_back():
+    """Rendered at 64 px, served at 96 px: a box over the whole input is the whole rendered image."""
+    seen_shapes = []
+
+    def whole_image_detector(images: torch.Tensor) -> torch.Tensor:
+        seen_shapes.append(tuple(images.shape))
+        side = images.shape[-1]
+        return torch.tensor([[0, 0, side, side, 0.5, 0]], dtype=torch.float32).expand(len(images), 1, 6).clone()
+
+    results = list(detect_synthetic(whole_image_detector, range(5, 8), size=64, input_size=96))
+    assert seen_shapes == [(3, 3, 96, 96)]
+    assert [detections.tolist() for detections, _ in results] == [[[0, 0, 64, 64, 0.5, 0]]] * 3
+    truths = [truth for _, truth in results]
+    assert all(np.array_equal(truth, render(seed, 64)[1]) for seed, truth in zip(range(5, 8), truths, strict=True))

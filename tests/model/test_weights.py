@@ -36,7 +36,7 @@ def test_finds_most_objects_of_20_fresh_seeds():
     detector = fuse_for_inference(loaded.model)
     seeds = range(SPLITS["test"] + 10_000, SPLITS["test"] + 10_020)  # outside every training/validation range
     counts = MatchCounts()
-    for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size):
+    for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size, loaded.metadata.input_size):
         counts.add(detections[detections[:, 4] >= 0.25], truth)
     assert counts.recall >= 0.84, f"found {counts.hits} of {counts.truths} boxes"
     assert counts.precision >= 0.8, f"{counts.hits} of {counts.detections} detections are right"
