@@ -3,7 +3,7 @@
     python -m bench.model [--model BUNDLE_DIR | --config yolov10s-akconv] [--size N] [--batches 1,2,4,8,16,32]
         [--variants seed,eager,compiled,onnx] [--repeats 10] [--warmup 3] [--threads N] [--device cpu|cuda]
 
-Two configurations matter: the bundled model (default; its serving size, 320) and the seed recipe's
+Two configurations matter: the bundled model (default; at its serving size) and the seed recipe's
 ``--config yolov10s-akconv --size 640`` (built with random weights: speed does not depend on them).
 
 Variants, each the model as the service runs it (``fuse_for_inference``: BatchNorm folded, one-to-one head; then

@@ -10,6 +10,8 @@ from model.checkpoint import DEFAULT_BUNDLE, load, load_model
 from model.evaluate import MatchCounts, detect_synthetic
 from model.synthetic import SPLITS
 
+TRAINING_IMAGE_SIZE = 320  # side of the bundled model's training images; the model sees them at its input size
+
 
 def test_default_is_the_bundled_model_and_needs_no_pickle(monkeypatch):
     def no_unpickling(*args, **kwargs):
@@ -29,14 +31,14 @@ def test_default_is_the_bundled_model_and_needs_no_pickle(monkeypatch):
 def test_finds_most_objects_of_20_fresh_seeds():
     """Recall and precision at IoU >= 0.5 and confidence 0.25 on seeds it never saw.
 
-    Floors of the bundled model (measured: recall 70/82 = 0.85, precision 70/85 = 0.82), one box below. Issue 3's
+    Floors of the bundled model (measured: recall 71/82 = 0.87, precision 71/86 = 0.83), one box below. Issue 3's
     precision bar (0.85) is not met yet: see the model card in model/README.md. Raise these with the next model.
     """
     loaded = load()
     detector = fuse_for_inference(loaded.model)
     seeds = range(SPLITS["test"] + 10_000, SPLITS["test"] + 10_020)  # outside every training/validation range
     counts = MatchCounts()
-    for detections, truth in detect_synthetic(detector, seeds, loaded.metadata.input_size, loaded.metadata.input_size):
+    for detections, truth in detect_synthetic(detector, seeds, TRAINING_IMAGE_SIZE, loaded.metadata.input_size):
         counts.add(detections[detections[:, 4] >= 0.25], truth)
-    assert counts.recall >= 0.84, f"found {counts.hits} of {counts.truths} boxes"
-    assert counts.precision >= 0.8, f"{counts.hits} of {counts.detections} detections are right"
+    assert counts.recall >= 0.85, f"found {counts.hits} of {counts.truths} boxes"
+    assert counts.precision >= 0.81, f"{counts.hits} of {counts.detections} detections are right"
