@@ -70,8 +70,8 @@ def test_detections_on_synthetic_samples_match_the_truth(server, scale):
         body = response.json()
         assert body["image"] == {"width": width, "height": height}
         counts.add(detection_rows(body), truth)
-    # Floors of the bundled model (measured: recall 12/14, 11/14, 12/14; precision 12/15, 11/15, 12/18); a wrong
-    # box mapping scores near zero.
+    # Floors of the bundled model, one box below what it measured (recall 12/14 at each size; precision 12/16,
+    # 12/16, 12/17); a wrong box mapping scores near zero.
     assert counts.recall >= 0.78, f"recall {counts.hits}/{counts.truths}"
     assert counts.precision >= 0.65, f"precision {counts.hits}/{counts.detections}"
 
