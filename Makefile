@@ -60,7 +60,7 @@ bench-model: $(BENCH_INSTALLED)
 
 # The service and its two peers, one after the other, under the same load, for the bundled model and the seed's.
 bench-load: $(BENCH_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json
-	$(MAKE) --no-print-directory load-trio NAME=n320 MODEL=model/weights/yolov10n-akconv
+	$(MAKE) --no-print-directory load-trio NAME=n384 MODEL=model/weights/yolov10n-akconv
 	$(MAKE) --no-print-directory load-trio NAME=s640 MODEL=$(SEED_MODEL_BUNDLE)
 
 load-trio:

@@ -22,7 +22,7 @@ variant's output is compared with the eager model's on 3 images (max abs differe
 top rows matched to their nearest rows); the seed's with the project's model set to the seed's sampling geometry
 (``xy``; the bundled model uses ``ij``, which changes the outputs but not the work). Median of ``--repeats`` timed
 calls after ``--warmup`` calls; the first call of each batch size is timed apart (``first_call_ms``). Writes
-``bench/results/model-<name>-<device>.json``.
+``bench/results/model-<name>-<size>-<device>.json``.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(table)
     print(
         write_results(
-            f"model-{name}-{device.type}",
+            f"model-{name}-{size}-{device.type}",
             rows,
             model=name,
             size=size,
