@@ -1,8 +1,9 @@
-"""Keep ultralytics offline, silent towards the outside and inside a temp dir.
+"""Keep ultralytics offline, silent towards the outside and inside a temp dir: :func:`configure`.
 
-Imported by ``model/__init__.py`` before anything imports ultralytics: ultralytics reads ``YOLO_OFFLINE`` and
-``YOLO_CONFIG_DIR`` at import time, then writes its settings file there. Without this it probes DNS, may download
-fonts and weights, sends usage events and writes to ``~/.config/Ultralytics``.
+Ultralytics reads ``YOLO_OFFLINE`` and ``YOLO_CONFIG_DIR`` when it is first imported (and without them probes the
+network at import), then writes its settings file there. So :func:`configure` must run before the first import of
+ultralytics: ``model/__init__.py`` calls it before importing its own modules, which import ultralytics. Without it,
+ultralytics probes DNS, may download fonts and weights, sends usage events and writes to ``~/.config/Ultralytics``.
 
 On import, ultralytics sets ``OMP_NUM_THREADS=1`` when it is unset, which would leave torch on one core in every
 process that imports this package (the server included); that is undone when the user had not set it.
@@ -12,41 +13,52 @@ tries to pip-install ``pi-heif``. A server handed arbitrary bytes must never do 
 put back (HEIF input is not supported; see the service's formats).
 """
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
-import torch
-from PIL import Image
-
 ULTRALYTICS_HOME = Path(tempfile.gettempdir()) / "akconv-detector" / "ultralytics"
 
-os.environ["YOLO_OFFLINE"] = "1"
-os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
 
-_pillow_open = Image.open
-_user_omp_threads = os.environ.get("OMP_NUM_THREADS")
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS reports one, as Linux does)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
-import ultralytics.utils.patches  # noqa: E402, F401  (must follow the environment above; patches Image.open)
-from ultralytics.utils import SETTINGS  # noqa: E402
 
-Image.open = _pillow_open
-if _user_omp_threads is None:
-    os.environ.pop("OMP_NUM_THREADS", None)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+@functools.cache
+def configure() -> None:
+    """Import ultralytics offline and undo its process-wide changes (see the module docstring). Runs once."""
+    import torch
+    from PIL import Image
 
-SETTINGS.update(
-    sync=False,
-    clearml=False,
-    comet=False,
-    dvc=False,
-    mlflow=False,
-    raytune=False,
-    tensorboard=False,
-    wandb=False,
-    vscode_msg=False,
-    openvino_msg=False,
-    datasets_dir=str(ULTRALYTICS_HOME / "datasets"),
-    weights_dir=str(ULTRALYTICS_HOME / "weights"),
-    runs_dir=str(ULTRALYTICS_HOME / "runs"),
-)
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
+    pillow_open = Image.open
+    user_omp_threads = os.environ.get("OMP_NUM_THREADS")
+
+    import ultralytics.utils.patches  # noqa: F401  (patches Image.open)
+    from ultralytics.utils import SETTINGS
+
+    Image.open = pillow_open
+    if user_omp_threads is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        torch.set_num_threads(usable_cores())
+
+    SETTINGS.update(
+        sync=False,
+        clearml=False,
+        comet=False,
+        dvc=False,
+        mlflow=False,
+        raytune=False,
+        tensorboard=False,
+        wandb=False,
+        vscode_msg=False,
+        openvino_msg=False,
+        datasets_dir=str(ULTRALYTICS_HOME / "datasets"),
+        weights_dir=str(ULTRALYTICS_HOME / "weights"),
+        runs_dir=str(ULTRALYTICS_HOME / "runs"),
+    )

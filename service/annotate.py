@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from service.engine import Detection
+from service.schemas import Detection
 
 # Fixed per class id (cycled): the same class always has the same colour, across requests and clients.
 PALETTE = (

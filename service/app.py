@@ -23,12 +23,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import Admission
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
-from service.dependencies import BatchOutput, ServiceState, limit_headers
-from service.engine import Engine
+from service.dependencies import ServiceState, limit_headers
+from service.engine import Engine, TorchEngine
 from service.errors import ServiceError
 from service.metrics import Metrics
+from service.pipeline import Pipeline, batch_runner
 from service.routes import detect_router, ops_router
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def _batch_runner(engine: Engine):
-    def run_batch(images: list) -> list[BatchOutput]:
-        started = time.monotonic()
-        rows = engine.infer(images)
-        seconds = time.monotonic() - started
-        return [BatchOutput(rows[i], len(images), seconds) for i in range(len(images))]
-
-    return run_batch
 
 
 def _observer(metrics: Metrics) -> BatchObserver:
@@ -60,6 +52,19 @@ def _observer(metrics: Metrics) -> BatchObserver:
         queue_wait=metrics.queue_wait.observe,
         batch=batch,
     )
+
+
+def _admission(settings: Settings, metrics: Metrics) -> Admission:
+    admission = Admission(
+        max_requests=settings.max_inflight_requests,
+        max_body_bytes=settings.max_body_bytes,
+        max_decode_pixels=settings.max_decode_pixels,
+        observe=lambda name, in_use: metrics.admission_in_use.labels(name).set(in_use),
+    )
+    for budget in admission.budgets:
+        metrics.admission_capacity.labels(budget.name).set(budget.capacity)
+        metrics.admission_in_use.labels(budget.name).set(0)
+    return admission
 
 
 class ObserveRequests:
@@ -111,44 +116,43 @@ class ObserveRequests:
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app for ``settings``; ``engine`` replaces the one built from settings (tests inject faults this way)."""
+    """The app for ``settings``; ``engine`` replaces the :class:`TorchEngine` built from settings (tests use a
+    fake one, or inject faults this way)."""
     metrics = Metrics()
-    state = ServiceState(
-        settings=settings,
-        metrics=metrics,
-        decode_pool=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode"),
-    )
+    state = ServiceState(settings=settings, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.engine = engine or await asyncio.to_thread(Engine, settings)
-        await asyncio.to_thread(state.engine.warm_up, settings.max_batch_size, settings.warmup_rounds)
-        state.batcher = DynamicBatcher(
-            run_batch=_batch_runner(state.engine),
+        ready_engine = engine or await asyncio.to_thread(TorchEngine, settings)
+        await asyncio.to_thread(ready_engine.warm_up, settings.max_batch_size, settings.warmup_rounds)
+        batcher = DynamicBatcher(
+            run_batch=batch_runner(ready_engine),
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             observer=_observer(metrics),
         )
-        state.batcher.start()
+        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        state.pipeline = Pipeline(settings, ready_engine, batcher, metrics, decode_pool, _admission(settings, metrics))
+        batcher.start()
         metrics.queue_capacity.set(settings.max_queue)
         metrics.model_info.info(
             {
-                "name": state.engine.name,
-                "version": state.engine.version,
-                "device": str(state.engine.device),
-                "dtype": str(state.engine.dtype).removeprefix("torch."),
+                "name": ready_engine.name,
+                "version": ready_engine.version,
+                "device": ready_engine.device,
+                "dtype": ready_engine.dtype,
             }
         )
         state.set_ready(True)
-        log.info("ready", extra={"model": state.engine.name, "device": str(state.engine.device)})
+        log.info("ready", extra={"model": ready_engine.name, "device": ready_engine.device})
         try:
             yield
         finally:
             state.draining = True
             state.set_ready(False)
-            await state.batcher.stop(drain=True)
-            state.decode_pool.shutdown(wait=True)
+            await batcher.stop(drain=True)
+            decode_pool.shutdown(wait=True)
             log.info("stopped")
 
     app = FastAPI(

@@ -61,13 +61,14 @@ class DynamicBatcher(Generic[Item, Result]):
     observer: BatchObserver = field(default_factory=BatchObserver)
     _queue: collections.deque = field(default_factory=collections.deque, init=False)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # set while nothing is queued or running
     _worker: asyncio.Task | None = field(default=None, init=False)
     _executor: ThreadPoolExecutor | None = field(default=None, init=False)
     _batch_seconds: float = field(default=0.1, init=False)  # moving average of a batch's run time
     _accepting: bool = field(default=False, init=False)
-    _running: int = field(default=0, init=False)
 
     def start(self) -> None:
+        self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._accepting = True
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
@@ -76,8 +77,7 @@ class DynamicBatcher(Generic[Item, Result]):
         """Refuse new items; with ``drain``, run everything queued first. Every caller gets an answer."""
         self._accepting = False
         if drain:
-            while self._queue or self._running:
-                await asyncio.sleep(0.01)
+            await self._idle.wait()
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -105,6 +105,7 @@ class DynamicBatcher(Generic[Item, Result]):
         now = time.monotonic()
         pending = Pending(item, asyncio.get_running_loop().create_future(), now, deadline)
         self._queue.append(pending)
+        self._idle.clear()
         self.observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
@@ -124,6 +125,7 @@ class DynamicBatcher(Generic[Item, Result]):
             self._discard_abandoned()
             if self._queue:
                 break
+            self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
         close_at = self._queue[0].enqueued_at + self.max_wait_s
@@ -165,7 +167,6 @@ class DynamicBatcher(Generic[Item, Result]):
             for pending in batch:
                 pending.started = True
                 self.observer.queue_wait(started - pending.enqueued_at)
-            self._running = len(batch)
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
                 if len(results) != len(batch):
@@ -177,8 +178,6 @@ class DynamicBatcher(Generic[Item, Result]):
             else:
                 for pending, result in zip(batch, results, strict=True):
                     self._resolve(pending, result=result)
-            finally:
-                self._running = 0
             seconds = time.monotonic() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             self.observer.batch(len(batch), seconds)

@@ -17,7 +17,23 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class Settings(BaseSettings):
-    """Service settings; validated at start-up, so a bad value stops the process with a message."""
+    """Service settings; validated at start-up, so a bad value stops the process with a message.
+
+    Admission budgets (``service/admission.py``; docs/RELIABILITY.md): the defaults keep one replica inside its
+    Kubernetes limits (``deploy/k8s/base/deployment.yaml``: memory 4 GiB, ``/tmp`` emptyDir 256 MiB):
+
+    - ``max_body_bytes`` 256 MiB of bodies in memory (a multipart body counts twice: the parser copies its parts);
+      nothing is spooled to ``/tmp``;
+    - decoding: at most ``decode_threads`` (2) images decode at once, each at most ``max_image_pixels`` (40 M) at
+      a measured peak of 14 bytes per pixel: 2 × 40 M × 14 B = 1.1 GB; ``max_decode_pixels`` (100 M) bounds the
+      pixels admitted to decoding (waiting or decoding, and the bounded copies kept for drawing, 3 B/px: 0.3 GB),
+      so the wait for a decode thread stays a few seconds (about 10-20 M px/s per thread for PNG);
+    - ``max_inflight_requests`` (128): the queue (64) and a batch (8) plus as many reading or decoding; each holds
+      its body (counted above) and a 3 × S × S uint8 model input (0.44 MB at S = 384).
+
+    With the process itself (about 0.8 GiB after warm-up) that is 0.8 + 0.25 + 1.1 + 0.3 + 0.1 ≈ 2.6 GiB at
+    worst, leaving 1.4 GiB of the 4 GiB limit for inference activations and allocator slack.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="DETECTOR_",
@@ -44,6 +60,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height limit (422 beyond)")
     max_batch_files: int = Field(16, ge=1, le=64, description="files in one /detect/batch request")
+    max_inflight_requests: int = Field(128, ge=1, description="detection requests in flight (503 beyond)")
+    max_body_bytes: int = Field(256 * 1024 * 1024, ge=2048, description="request bodies held in memory (503 beyond)")
+    max_decode_pixels: int = Field(
+        100_000_000, ge=1, description="pixels of images waiting to decode or decoding (503 beyond)"
+    )
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request headers (431 beyond)")
@@ -78,6 +99,15 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.max_body_bytes < 2 * self.max_upload_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) must be >= 2 * max_upload_bytes ({self.max_upload_bytes}): "
+                "a multipart body counts twice"
+            )
+        if self.max_decode_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_decode_pixels ({self.max_decode_pixels}) must be >= max_image_pixels ({self.max_image_pixels})"
+            )
         if self.metrics_require_key and self.api_key is None:
             raise ValueError("metrics_require_key needs an api_key to require")
         return self

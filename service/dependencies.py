@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import hmac
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 from fastapi import Depends, Query, Request
 
-from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import Engine
 from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized
 from service.metrics import Metrics
-
-
-@dataclass
-class BatchOutput:
-    """What the batcher hands back for one image: its rows and the batch it ran in."""
-
-    rows: torch.Tensor  # (K, 6), see service.engine
-    batch_size: int
-    inference_seconds: float
+from service.pipeline import DetectQuery, Pipeline
 
 
 @dataclass
@@ -32,9 +20,7 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics
-    decode_pool: ThreadPoolExecutor
-    engine: Engine | None = None
-    batcher: DynamicBatcher[torch.Tensor, BatchOutput] | None = None
+    pipeline: Pipeline | None = None
     ready: bool = False
     draining: bool = False
 
@@ -73,20 +59,13 @@ def require_api_key(request: Request, state: StateDep) -> None:
         raise Unauthorized("a valid API key is required (X-API-Key header or Authorization: Bearer)")
 
 
-def ready_state(state: StateDep) -> ServiceState:
-    if not state.ready or state.draining or state.engine is None or state.batcher is None:
+def ready_pipeline(state: StateDep) -> Pipeline:
+    if not state.ready or state.draining or state.pipeline is None:
         raise NotReady("the model is not ready (warming up or draining)", {"Retry-After": "1"})
-    return state
+    return state.pipeline
 
 
-ReadyDep = Annotated[ServiceState, Depends(ready_state)]
-
-
-@dataclass(frozen=True)
-class DetectQuery:
-    conf: float
-    max_det: int
-    classes: set[int] | None
+PipelineDep = Annotated[Pipeline, Depends(ready_pipeline)]
 
 
 def detect_query(
@@ -97,7 +76,7 @@ def detect_query(
 ) -> DetectQuery:
     selected = None
     if classes:
-        names = state.engine.names if state.engine else []
+        names = state.pipeline.engine.names if state.pipeline else []
         selected = set()
         for token in (t.strip() for t in classes.split(",") if t.strip()):
             if token.isdigit() and int(token) < len(names):

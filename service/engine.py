@@ -1,31 +1,100 @@
 """The model on its device: loaded once, fused, warmed up; runs one batch; turns raw rows into detections.
 
-Knows nothing of HTTP or queues. The contract it relies on is :class:`model.Detector`'s: images (B, 3, S, S) in
-[0, 1] -> (B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in input pixels, from the one-to-one head, sorted by
-score, no NMS.
+Knows nothing of HTTP or queues. :class:`Engine` is the contract the rest of the service holds it to (tests run
+the HTTP layer against a fake that honours it); :class:`TorchEngine` is the real one. Rows are
+:class:`model.Detector`'s: images (B, 3, S, S) in [0, 1] -> (B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in
+input pixels, from the one-to-one head, sorted by score, no NMS.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from model import Detector, akconv_layers, fuse_for_inference, load
+from model.checkpoint import ModelMetadata
 from service.config import Settings
 from service.images import Letterbox, unletterbox_boxes
+from service.schemas import Detection
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Detection:
-    class_id: int
-    class_name: str
-    confidence: float
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
+class Engine(Protocol):
+    """What the service needs of a model engine.
+
+    ``infer`` runs in the batcher's single worker thread; everything else is called from the event loop.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def metadata(self) -> ModelMetadata: ...
+
+    @property
+    def names(self) -> list[str]:
+        """Class names, indexed by class id."""
+
+    @property
+    def input_size(self) -> int:
+        """Side S of the square model input, pixels."""
+
+    @property
+    def device(self) -> str:
+        """Where inference runs: ``cpu``, ``cuda:0``."""
+
+    @property
+    def dtype(self) -> str:
+        """``float32`` or ``float16``."""
+
+    @property
+    def akconv_layers(self) -> int: ...
+
+    @property
+    def parameters(self) -> int: ...
+
+    def warm_up(self, max_batch_size: int, rounds: int) -> None:
+        """Run every batch size up to ``max_batch_size``, ``rounds`` times each, before traffic."""
+
+    def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Args: images, each uint8 (3, S, S). Returns: float32 CPU tensor (B, K, 6), rows as in the module
+        docstring."""
+
+    def detections(
+        self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
+    ) -> list[Detection]:
+        """Rows (K, 6) of one image -> detections in its original pixels, filtered and capped."""
+
+    def gpu_memory(self) -> dict[str, int]:
+        """Device memory in bytes by kind (empty on CPU)."""
+
+
+def detections_from_rows(
+    rows: torch.Tensor,
+    names: list[str],
+    geometry: Letterbox,
+    conf: float,
+    classes: set[int] | None,
+    max_det: int,
+) -> list[Detection]:
+    """Rows (K, 6) of one image, sorted by score -> detections in its original pixels, filtered and capped."""
+    rows_np = rows.numpy()
+    keep = rows_np[:, 4] >= conf
+    if classes is not None:
+        keep &= np.isin(rows_np[:, 5].astype(int), list(classes))
+    rows_np = rows_np[keep][:max_det]
+    boxes = unletterbox_boxes(rows_np[:, :4].astype(np.float64), geometry)
+    return [
+        Detection(int(c), names[int(c)], round(float(s), 4), tuple(round(float(v), 1) for v in box))
+        for box, s, c in zip(boxes, rows_np[:, 4], rows_np[:, 5], strict=True)
+    ]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,8 +106,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class Engine:
-    """Loads the model (``model.load``), fuses it, and moves it to the device (channels-last, fp16 on CUDA)."""
+class TorchEngine:
+    """The :class:`Engine` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on CUDA)."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.intra_op_threads:
@@ -46,15 +115,14 @@ class Engine:
         loaded = load(settings.model_path)
         self.metadata = loaded.metadata
         self.names = list(loaded.metadata.names)
-        self.device = resolve_device(settings.device)
-        half = settings.half if settings.half is not None else self.device.type == "cuda"
-        self.dtype = torch.float16 if half else torch.float32
+        self.torch_device = resolve_device(settings.device)
+        half = settings.half if settings.half is not None else self.torch_device.type == "cuda"
+        self.torch_dtype = torch.float16 if half else torch.float32
         self.input_size = settings.input_size or loaded.metadata.input_size
         self.akconv_layers = len(akconv_layers(loaded.model))
         self.parameters = sum(p.numel() for p in loaded.model.parameters())
-        self.detector: Detector = fuse_for_inference(loaded.model).to(self.device, self.dtype)
+        self.detector: Detector = fuse_for_inference(loaded.model).to(self.torch_device, self.torch_dtype)
         self.detector = self.detector.to(memory_format=torch.channels_last)
-        self.max_rows = self.detector.max_det
 
     @property
     def name(self) -> str:
@@ -63,6 +131,14 @@ class Engine:
     @property
     def version(self) -> str:
         return self.metadata.version
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
 
     def warm_up(self, max_batch_size: int, rounds: int) -> None:
         """Run every batch size the batcher can form, so kernels and allocator pools are ready before traffic."""
@@ -76,31 +152,21 @@ class Engine:
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Args: images, each uint8 (3, S, S). Returns: float32 CPU tensor (B, K, 6), see the module docstring."""
         batch = torch.stack(images)  # (B, 3, S, S) uint8
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.to(self.dtype).div_(255).contiguous(memory_format=torch.channels_last)
+        if self.torch_device.type == "cuda":
+            batch = batch.pin_memory().to(self.torch_device, non_blocking=True)
+        batch = batch.to(self.torch_dtype).div_(255).contiguous(memory_format=torch.channels_last)
         return self.detector(batch).float().cpu()
 
     def detections(
         self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
     ) -> list[Detection]:
-        """Rows (K, 6) of one image -> detections in its original pixels, filtered and capped."""
-        rows_np = rows.numpy()
-        keep = rows_np[:, 4] >= conf
-        if classes is not None:
-            keep &= np.isin(rows_np[:, 5].astype(int), list(classes))
-        rows_np = rows_np[keep][:max_det]  # rows are sorted by score
-        boxes = unletterbox_boxes(rows_np[:, :4].astype(np.float64), geometry)
-        return [
-            Detection(int(c), self.names[int(c)], round(float(s), 4), tuple(round(float(v), 1) for v in box))
-            for box, s, c in zip(boxes, rows_np[:, 4], rows_np[:, 5], strict=True)
-        ]
+        return detections_from_rows(rows, self.names, geometry, conf, classes, max_det)
 
     def gpu_memory(self) -> dict[str, int]:
         """CUDA memory in bytes by kind (empty on CPU)."""
-        if self.device.type != "cuda":
+        if self.torch_device.type != "cuda":
             return {}
         return {
-            "allocated": torch.cuda.memory_allocated(self.device),
-            "reserved": torch.cuda.memory_reserved(self.device),
+            "allocated": torch.cuda.memory_allocated(self.torch_device),
+            "reserved": torch.cuda.memory_reserved(self.torch_device),
         }

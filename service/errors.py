@@ -59,6 +59,12 @@ class QueueFull(ServiceError):
     status, code, rejection = 503, "queue_full", "queue_full"
 
 
+class Overloaded(ServiceError):
+    """A budget of :mod:`service.admission` has no room for this request now (requests, body bytes, decode pixels)."""
+
+    status, code, rejection = 503, "overloaded", "overloaded"
+
+
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
 

@@ -47,22 +47,31 @@ class Decoded:
     height: int
 
 
-def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
-    """Decode an uploaded image to an upright RGB array.
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says, before any pixel is decoded: its format and stored size."""
 
-    JPEG, PNG, WebP, BMP, TIFF and GIF; of an animation or a multi-page file, the first frame. The EXIF orientation
-    is applied; grayscale, RGBA, palette, 16-bit and CMYK are converted to RGB. The pixel limit is checked from the
-    header, before any pixel is decoded.
+    format: str
+    width: int
+    height: int
 
-    With ``fit`` (the model's input side, pixels), a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (libjpeg's own scaling) when that still leaves at least the size it will be resized to: 2-3x faster than a
-    full decode for a photo several times larger than the input, and the pixels the model sees barely change.
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, max_pixels: int) -> Header:
+    """The header of an uploaded image, read without decoding a pixel (Pillow's ``open`` reads only the header).
 
     Raises:
         UnsupportedMediaType: not an image in a supported format.
         TooManyPixels: width × height above ``max_pixels``.
-        UndecodableImage: a supported format that fails to decode (truncated, corrupt).
+        UndecodableImage: a supported format whose header cannot be read, or an empty body.
     """
+    return _header(_open(data), max_pixels)
+
+
+def _open(data: bytes) -> Image.Image:
     if not data:
         raise UndecodableImage("the request body is empty")
     try:
@@ -71,11 +80,37 @@ def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
         raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise UndecodableImage(f"the image header could not be read: {error}") from None
+    return image
+
+
+def _header(image: Image.Image, max_pixels: int) -> Header:
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedMediaType(f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, TIFF, GIF)")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise TooManyPixels(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+    header = Header(image.format, *image.size)
+    if header.pixels > max_pixels:
+        raise TooManyPixels(f"image is {header.width}x{header.height} pixels, more than the limit of {max_pixels}")
+    return header
+
+
+def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
+    """Decode an uploaded image to an upright RGB array.
+
+    JPEG, PNG, WebP, BMP, TIFF and GIF; of an animation or a multi-page file, the first frame. The EXIF orientation
+    is applied; grayscale, RGBA, palette, 16-bit and CMYK are converted to RGB. The pixel limit is checked from the
+    header, before any pixel is decoded (:func:`read_header`).
+
+    With ``fit`` (a square's side, pixels: the model's input), a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (libjpeg's own scaling) when that still leaves at least the size it will be resized to: 2-3x faster than
+    a full decode for a photo several times larger than the input, and the pixels the model sees barely change.
+
+    Raises:
+        UnsupportedMediaType: not an image in a supported format.
+        TooManyPixels: width × height above ``max_pixels``.
+        UndecodableImage: a supported format that fails to decode (truncated, corrupt).
+    """
+    image = _open(data)
+    header = _header(image, max_pixels)
+    width, height = header.width, header.height
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still usable

@@ -15,6 +15,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 disable_created_metrics()  # no *_created series: dashboards don't use them and they double the exposition
 
 REJECTION_REASONS = (
+    "overloaded",
     "queue_full",
     "deadline",
     "client_gone",
@@ -55,6 +56,14 @@ class Metrics:
         self.queue_capacity = Gauge(
             "detector_queue_capacity", "Images that may wait before requests are refused (max_queue)", registry=registry
         )
+        self.admission_in_use = Gauge(
+            "detector_admission_in_use", "Units of an admission budget in use (requests, body_bytes, decode_pixels)",
+            ["budget"], registry=registry,
+        )  # fmt: skip
+        self.admission_capacity = Gauge(
+            "detector_admission_capacity", "Capacity of an admission budget; requests beyond it are refused with 503",
+            ["budget"], registry=registry,
+        )  # fmt: skip
         self.inflight = Gauge("detector_inflight_requests", "Detection requests being handled", registry=registry)
         self.ready = Gauge("detector_ready", "1 when warmed up and not draining", registry=registry)
         self.rejected = Counter(

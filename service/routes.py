@@ -1,34 +1,22 @@
-"""HTTP routes: detection, model and config info, health, metrics. No batching or model logic lives here."""
+"""HTTP routes: thin adapters from requests to :mod:`service.pipeline` and back; info, health, metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import closing
 from importlib import resources
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
+from service.admission import Ticket
 from service.annotate import annotate, encode, negotiate
-from service.config import Settings
-from service.dependencies import DetectQuery, QueryDep, ReadyDep, ServiceState, StateDep, require_api_key
-from service.engine import Detection
-from service.errors import (
-    BadRequest,
-    ClientGone,
-    ImageRejected,
-    PayloadTooLarge,
-    RequestTimeout,
-    UnsupportedMediaType,
-)
-from service.images import Letterbox, decode, letterbox
+from service.dependencies import PipelineDep, QueryDep, StateDep, require_api_key
+from service.errors import ClientGone, ImageRejected
+from service.pipeline import Pipeline
 from service.schemas import (
     BatchDetectResponse,
     DetectResponse,
@@ -61,52 +49,29 @@ detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detect
 ops_router = APIRouter(tags=["operations"])
 
 
-async def read_body(request: Request, limit: int, deadline: float) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 when it
-    has not fully arrived by ``deadline`` (a ``time.monotonic()`` value): a stalled upload holds no slot forever."""
+async def body_images(
+    request: Request, pipeline: Pipeline, ticket: Ticket, field_name: str, max_files: int
+) -> list[bytes]:
+    """The request's images (see :meth:`service.pipeline.Pipeline.read_images`)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes, more than the limit of {limit}")
-    chunks, size = [], 0
+    return await pipeline.read_images(
+        ticket,
+        body_chunks(request),
+        request.headers.get("content-type", ""),
+        int(declared) if declared is not None and declared.isdigit() else None,
+        field_name,
+        max_files,
+        request.state.arrived,
+    )
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives; a client that hangs up mid-body is :class:`ClientGone`."""
     try:
-        async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"the body did not arrive within the request timeout ({size} bytes received)") from None
-    return b"".join(chunks)
-
-
-async def uploaded_images(request: Request, settings: Settings, field_name: str, max_files: int) -> list[bytes]:
-    """Images of a multipart ``field_name`` field, or the raw body when its content type is ``image/*``; the body
-    is read within the upload limit and the request's deadline (see :func:`read_body`)."""
-    deadline = request.state.arrived + settings.request_timeout_s
-    body = await read_body(request, settings.max_upload_bytes, deadline)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("image/"):
-        return [body]
-    if not content_type.startswith("multipart/form-data"):
-        raise UnsupportedMediaType(
-            f"send multipart/form-data with a '{field_name}' field, or a raw body with an image/* content type"
-        )
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files)
-    except MultiPartException as error:
-        raise BadRequest(f"malformed multipart body: {error.message}") from None
-    try:
-        files = [value for value in form.getlist(field_name) if isinstance(value, UploadFile)]
-        if not files:
-            raise BadRequest(f"multipart field '{field_name}' with an image file is required")
-        return [await upload.read() for upload in files]
-    finally:
-        await form.close()
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending its body") from None
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -129,85 +94,14 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-@dataclass
-class Prepared:
-    tensor: torch.Tensor  # (3, S, S) uint8, the letterboxed model input
-    geometry: Letterbox
-    seconds: float
-    pixels: np.ndarray | None  # (H, W, 3) the decoded image, kept only when it will be drawn on
-
-
-def _preprocess(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
-    started = time.monotonic()
-    image = decode(data, max_pixels, fit=None if keep_pixels else size)  # drawing needs the full resolution
-    tensor, geometry = letterbox(image, size)
-    return Prepared(tensor, geometry, time.monotonic() - started, image.pixels if keep_pixels else None)
-
-
-@dataclass
-class ImageResult:
-    response: DetectResponse
-    detections: list[Detection]
-    pixels: np.ndarray | None
-
-
-async def detect_image(
-    state: ServiceState, data: bytes, query: DetectQuery, request_id: str, arrived: float, keep_pixels: bool = False
-) -> ImageResult:
-    """One image through the pipeline: decode (thread pool), batch queue, inference, boxes back to its pixels.
-
-    ``arrived`` is the request's ``time.monotonic()`` arrival; its deadline is ``request_timeout_s`` later.
-    The decoded pixels are kept (``keep_pixels``) only for drawing: a queued request otherwise holds just the
-    model input.
-    """
-    settings, engine, metrics = state.settings, state.engine, state.metrics
-    loop = asyncio.get_running_loop()
-    prepared = await loop.run_in_executor(
-        state.decode_pool, _preprocess, data, settings.max_image_pixels, engine.input_size, keep_pixels
-    )
-    tensor, geometry, preprocess_s = prepared.tensor, prepared.geometry, prepared.seconds
-    metrics.preprocess_duration.observe(preprocess_s)
-    submitted = time.monotonic()
-    output = await state.batcher.submit(tensor, deadline=arrived + settings.request_timeout_s)
-    finished = time.monotonic()
-    detections = engine.detections(output.rows, geometry, query.conf, query.classes, query.max_det)
-    for detection in detections:
-        metrics.detections.labels(detection.class_name).inc()
-    done = time.monotonic()
-    response = DetectResponse(
-        request_id=request_id,
-        model={"name": engine.name, "version": engine.version},
-        image={"width": geometry.width, "height": geometry.height},
-        detections=[
-            {
-                "class_id": d.class_id,
-                "class_name": d.class_name,
-                "confidence": d.confidence,
-                "box": dict(zip(("x1", "y1", "x2", "y2"), d.box, strict=True)),
-            }
-            for d in detections
-        ],
-        timings_ms={
-            "queue": round(max(finished - submitted - output.inference_seconds, 0) * 1000, 2),
-            "preprocess": round(preprocess_s * 1000, 2),
-            "inference": round(output.inference_seconds * 1000, 2),
-            "postprocess": round((done - finished) * 1000, 2),
-            "total": round((done - arrived) * 1000, 2),
-        },
-        batch_size=output.batch_size,
-    )
-    return ImageResult(response, detections, prepared.pixels)
-
-
 @detect_router.post(
     "/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Detect objects"
 )
-async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectResponse:
+async def detect(request: Request, pipeline: PipelineDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
-    arrived = request.state.arrived
-    (image,) = await uploaded_images(request, state.settings, "file", max_files=1)
-    with state.metrics.inflight.track_inprogress():
-        work = detect_image(state, image, query, request.state.request_id, arrived)
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+        (image,) = await body_images(request, pipeline, ticket, "file", max_files=1)
+        work = pipeline.detect(ticket, image, query, request.state.request_id, request.state.arrived)
         return (await cancel_on_disconnect(request, work)).response
 
 
@@ -218,18 +112,17 @@ async def detect(request: Request, state: ReadyDep, query: QueryDep) -> DetectRe
     openapi_extra=IMAGE_BODY,
     summary="Detect objects and draw them",
 )
-async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -> Response:
+async def detect_annotated(request: Request, pipeline: PipelineDep, query: QueryDep) -> Response:
     """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
     (JPEG, or PNG when the ``Accept`` header prefers ``image/png``); ``X-Detections`` holds the count."""
-    arrived = request.state.arrived
-    (image,) = await uploaded_images(request, state.settings, "file", max_files=1)
     media_type = negotiate(request.headers.get("accept"))
-    with state.metrics.inflight.track_inprogress():
-        work = detect_image(state, image, query, request.state.request_id, arrived, keep_pixels=True)
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+        (image,) = await body_images(request, pipeline, ticket, "file", max_files=1)
+        work = pipeline.detect(ticket, image, query, request.state.request_id, request.state.arrived, keep_pixels=True)
         result = await cancel_on_disconnect(request, work)
-    drawn = await asyncio.get_running_loop().run_in_executor(
-        state.decode_pool, lambda: encode(annotate(result.pixels, result.detections), media_type)
-    )
+        drawn = await asyncio.get_running_loop().run_in_executor(
+            pipeline.decode_pool, lambda: encode(annotate(result.pixels, result.detections), media_type)
+        )
     return Response(drawn, media_type=media_type, headers={"X-Detections": str(len(result.detections))})
 
 
@@ -237,33 +130,32 @@ async def detect_annotated(request: Request, state: ReadyDep, query: QueryDep) -
     "/detect/batch", response_model=BatchDetectResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
     summary="Detect objects in several images",
 )  # fmt: skip
-async def detect_batch(request: Request, state: ReadyDep, query: QueryDep) -> BatchDetectResponse:
+async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep) -> BatchDetectResponse:
     """Several images (multipart field ``files``), answered in order; each is batched with all other traffic.
 
     A file that cannot be used (:class:`ImageRejected`) gets its error in its own slot. Any other failure (queue
     full, deadline, inference) fails the whole request and cancels the images still waiting.
     """
-    arrived = request.state.arrived
-    images = await uploaded_images(request, state.settings, "files", max_files=state.settings.max_batch_files)
-    request_id = request.state.request_id
+    request_id, arrived = request.state.request_id, request.state.arrived
 
-    async def one_image(image: bytes) -> DetectResponse | ImageError:
+    async def one_image(ticket: Ticket, image: bytes) -> DetectResponse | ImageError:
         try:
-            return (await detect_image(state, image, query, request_id, arrived)).response
+            return (await pipeline.detect(ticket, image, query, request_id, arrived)).response
         except ImageRejected as error:
-            state.metrics.rejected.labels(error.rejection).inc()
+            pipeline.metrics.rejected.labels(error.rejection).inc()
             return ImageError(status=error.status, error={"code": error.code, "message": error.message})
 
-    async def all_images() -> list[DetectResponse | ImageError]:
+    async def all_images(ticket: Ticket, images: list[bytes]) -> list[DetectResponse | ImageError]:
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one_image(image)) for image in images]
+                tasks = [group.create_task(one_image(ticket, image)) for image in images]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the failure that cancelled the others
         return [task.result() for task in tasks]
 
-    with state.metrics.inflight.track_inprogress():
-        results = await cancel_on_disconnect(request, all_images())
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+        images = await body_images(request, pipeline, ticket, "files", max_files=pipeline.settings.max_batch_files)
+        results = await cancel_on_disconnect(request, all_images(ticket, images))
     return BatchDetectResponse(request_id=request_id, results=results)
 
 
@@ -282,20 +174,20 @@ async def healthz() -> Health:
 
 
 @ops_router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}}, summary="Readiness")
-async def readyz(state: ReadyDep) -> Health:
+async def readyz(pipeline: PipelineDep) -> Health:
     return Health(status="ready")
 
 
 @ops_router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)])
-async def model_info(state: ReadyDep) -> ModelInfo:
-    engine = state.engine
+async def model_info(pipeline: PipelineDep) -> ModelInfo:
+    engine = pipeline.engine
     return ModelInfo(
         name=engine.name,
         version=engine.version,
         classes=engine.names,
         input_size=engine.input_size,
-        device=str(engine.device),
-        dtype=str(engine.dtype).removeprefix("torch."),
+        device=engine.device,
+        dtype=engine.dtype,
         akconv_layers=engine.akconv_layers,
         akconv_indexing=engine.metadata.akconv_indexing,
         parameters=engine.parameters,
@@ -317,9 +209,9 @@ async def metrics(request: Request, state: StateDep) -> Response:
     """Open like the probes, unless ``metrics_require_key`` puts it behind the API key."""
     if state.settings.metrics_require_key:
         require_api_key(request, state)
-    if state.engine is not None:
-        for kind, value in state.engine.gpu_memory().items():
+    if state.pipeline is not None:
+        for kind, value in state.pipeline.engine.gpu_memory().items():
             state.metrics.gpu_memory.labels(kind).set(value)
-    state.metrics.queue_depth.set(state.batcher.depth if state.batcher else 0)
+    state.metrics.queue_depth.set(state.pipeline.batcher.depth if state.pipeline else 0)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)

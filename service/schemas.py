@@ -1,8 +1,20 @@
-"""Response models of the API (requests are images, described in the routes' OpenAPI bodies)."""
+"""What the API answers, torch-free: the response models (requests are images, described in the routes' OpenAPI
+bodies) and :class:`Detection`, the service's own record of one detected object. The client and the annotator
+import only this module, so neither needs torch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Detection:
+    class_id: int
+    class_name: str
+    confidence: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
 
 
 class Box(BaseModel):

@@ -18,7 +18,7 @@ import torch
 from service.__main__ import serve
 from service.app import create_app
 from service.config import settings_from_cli
-from service.engine import Engine
+from service.engine import TorchEngine
 from tests.image_files import encode
 
 POISON = (255, 0, 255)
@@ -35,7 +35,7 @@ def _is_marker(image: torch.Tensor, colour: tuple[int, int, int]) -> bool:
     return bool((image == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all())
 
 
-class FaultyEngine(Engine):
+class FaultyEngine(TorchEngine):
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         if any(_is_marker(image, POISON) for image in images):
             raise RuntimeError("injected fault")

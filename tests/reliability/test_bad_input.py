@@ -15,6 +15,8 @@ from PIL import Image
 from bench.processes import rss_bytes
 from tests.reliability.corpus import REQUEST_TIMEOUT_S, Case, corpus, encode, sample, send
 
+pytestmark = pytest.mark.e2e  # against real server processes on loopback
+
 LEAKS = ("Traceback", 'File "', "site-packages", ".py", "/work", "/home", "/usr")
 
 

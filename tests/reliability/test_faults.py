@@ -9,10 +9,13 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from tests.reliability.corpus import encode, sample
 from tests.reliability.fault_server import POISON, SLOW, SLOW_SECONDS, marker_png
 from tests.service.server import metric_value
+
+pytestmark = pytest.mark.e2e  # against real server processes on loopback
 
 IMAGE = encode(sample(seed=5), "JPEG", quality=90)
 QUEUE_BOUND = 16  # corpus.SERVER_FLAGS

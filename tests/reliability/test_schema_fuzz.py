@@ -7,7 +7,10 @@ so most generated bodies are rightly refused (415/422); the corpus tests cover w
 from __future__ import annotations
 
 import hypothesis
+import pytest
 import schemathesis
+
+pytestmark = pytest.mark.e2e  # against real server processes on loopback
 
 
 def test_the_schema_holds_for_generated_requests(server, record):

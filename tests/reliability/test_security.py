@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.service.server import REPO
+
+pytestmark = pytest.mark.e2e  # against real server processes on loopback
 
 
 def test_cors_is_off_unless_configured(client):

@@ -8,9 +8,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
 
 from bench.processes import free_port, running_process
 
@@ -44,6 +49,26 @@ def running_server(
     command = [sys.executable, "-m", entry, "--host", "127.0.0.1", "--port", str(port), "--warmup-rounds", "0"]
     with running_process([*command, *flags], log_path, url + "/readyz", ready_timeout, cwd=REPO, env=env) as process:
         yield ServerProcess(process, url, log_path)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: FastAPI) -> Iterator[str]:
+    """``app`` (e.g. on a fake engine) under a real uvicorn on 127.0.0.1, in a thread of this process; yields its
+    URL once it listens, stops it afterwards. For the cases that live in sockets, without a model to load."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False, http="h11")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    for _ in range(600):  # 60 s at most
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def metric_value(text: str, series: str) -> float:

@@ -1,0 +1,257 @@
+"""One image's way through the service, without HTTP: admit -> read -> decode -> queue -> infer -> post-process.
+
+The routes hand this module what they took from the request (its body as an async iterator of chunks, its
+content type and length, its arrival time) and answer what it returns. A request is admitted first
+(:meth:`Pipeline.admit`, :mod:`service.admission`): its body bytes are reserved before they are read, its image's
+pixels (from the header) before it is decoded, and what does not fit is refused at once. Every stage runs inside
+the request's deadline, ``request_timeout_s`` after arrival, waiting for a decode thread included. Failures are the
+typed errors of :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.admission import Admission, Ticket
+from service.batcher import DynamicBatcher
+from service.config import Settings
+from service.engine import Engine
+from service.errors import BadRequest, DeadlineExceeded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from service.images import Letterbox, decode, letterbox, read_header
+from service.metrics import Metrics
+from service.schemas import Detection, DetectResponse
+
+
+@dataclass(frozen=True)
+class DetectQuery:
+    """What a caller asks of the detections: minimum confidence, most detections, class ids (None: all)."""
+
+    conf: float
+    max_det: int
+    classes: set[int] | None
+
+
+@dataclass
+class BatchOutput:
+    """What the batcher hands back for one image: its rows and the batch it ran in."""
+
+    rows: torch.Tensor  # (K, 6), see service.engine
+    batch_size: int
+    inference_seconds: float
+
+
+def batch_runner(engine: Engine) -> Callable[[list[torch.Tensor]], list[BatchOutput]]:
+    """The batcher's ``run_batch``: one engine call for the batch, its rows split per image."""
+
+    def run_batch(images: list[torch.Tensor]) -> list[BatchOutput]:
+        started = time.monotonic()
+        rows = engine.infer(images)  # (B, K, 6)
+        seconds = time.monotonic() - started
+        return [BatchOutput(rows[i], len(images), seconds) for i in range(len(images))]
+
+    return run_batch
+
+
+async def read_body(
+    chunks: AsyncIterator[bytes], declared: int | None, limit: int, deadline: float, hold: Callable[[int], None]
+) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes (``declared`` is its
+    Content-Length, when sent), and with 408 when it has not fully arrived by ``deadline`` (``time.monotonic()``).
+
+    ``hold(n)`` reserves n bytes (or raises): the declared length before the first byte is read, else each chunk as
+    it arrives.
+    """
+    if declared is not None:
+        if declared > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes, more than the limit of {limit}")
+        hold(declared)
+    parts, size = [], 0
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+                if declared is None:
+                    hold(len(chunk))
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within the request timeout ({size} bytes received)") from None
+    return b"".join(parts)
+
+
+def check_content_type(content_type: str, field_name: str) -> bool:
+    """Whether the body is multipart (else a raw ``image/*`` body); 415 for anything else, before it is read."""
+    if content_type.startswith("multipart/form-data"):
+        return True
+    if content_type.startswith("image/"):
+        return False
+    raise UnsupportedMediaType(
+        f"send multipart/form-data with a '{field_name}' field, or a raw body with an image/* content type"
+    )
+
+
+async def multipart_files(body: bytes, content_type: str, field_name: str, max_files: int) -> list[bytes]:
+    """The files of a multipart body's ``field_name`` field, parsed in memory (never spooled to disk: ``body`` is
+    already within the upload limit and the body budget)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    headers = Headers({"content-type": content_type})
+    parser = MultiPartParser(headers, stream(), max_files=max_files, max_fields=max_files)
+    parser.spool_max_size = len(body) + 1  # a file part is never larger than the body: it stays in memory
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise BadRequest(f"malformed multipart body: {error.message}") from None
+    try:
+        files = [value for value in form.getlist(field_name) if isinstance(value, UploadFile)]
+        if not files:
+            raise BadRequest(f"multipart field '{field_name}' with an image file is required")
+        return [await upload.read() for upload in files]
+    finally:
+        await form.close()
+
+
+@dataclass
+class Prepared:
+    """An image ready to queue: the model input, how it was fitted, and the pixels to draw on when asked for."""
+
+    tensor: torch.Tensor  # (3, S, S) uint8, the letterboxed model input
+    geometry: Letterbox
+    seconds: float
+    pixels: np.ndarray | None  # (h, w, 3) RGB uint8, kept only when it will be drawn on
+
+
+def prepare(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
+    """Decode and letterbox ``data`` to the model's ``size``; runs in the decode pool."""
+    started = time.monotonic()
+    image = decode(data, max_pixels, fit=None if keep_pixels else size)  # drawing needs the full resolution
+    tensor, geometry = letterbox(image, size)
+    return Prepared(tensor, geometry, time.monotonic() - started, image.pixels if keep_pixels else None)
+
+
+@dataclass
+class ImageResult:
+    response: DetectResponse
+    detections: list[Detection]
+    pixels: np.ndarray | None  # Prepared.pixels
+
+
+@dataclass
+class Pipeline:
+    """One image's way, for the process: decode pool, batcher and engine are shared by every request."""
+
+    settings: Settings
+    engine: Engine
+    batcher: DynamicBatcher[torch.Tensor, BatchOutput]
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    admission: Admission
+
+    def deadline(self, arrived: float) -> float:
+        """The ``time.monotonic()`` by which a request that arrived at ``arrived`` must be answered."""
+        return arrived + self.settings.request_timeout_s
+
+    def admit(self) -> Ticket:
+        """Admit one more request in flight, or raise :class:`~service.errors.Overloaded`; close the ticket when
+        the request is answered."""
+        return self.admission.admit()
+
+    async def read_images(
+        self,
+        ticket: Ticket,
+        chunks: AsyncIterator[bytes],
+        content_type: str,
+        declared: int | None,
+        field_name: str,
+        max_files: int,
+        arrived: float,
+    ) -> list[bytes]:
+        """The images of a request: a multipart ``field_name`` field (at most ``max_files``), or the raw body when
+        ``content_type`` is ``image/*``. The body is read within the upload limit and the deadline, its bytes held
+        on ``ticket`` (a multipart body twice: its parts are copied out of it)."""
+        multipart = check_content_type(content_type, field_name)
+        copies = 2 if multipart else 1
+        limit = self.settings.max_upload_bytes
+        body = await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
+        if not multipart:
+            return [body]
+        return await multipart_files(body, content_type, field_name, max_files)
+
+    async def _prepare(self, ticket: Ticket, data: bytes, keep_pixels: bool, deadline: float) -> Prepared:
+        """Decode and letterbox in the decode pool, the image's pixels (from its header) reserved on ``ticket``
+        first; waiting for a decode thread counts against ``deadline``. A request decodes one image at a time."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)), ticket.decoding:
+                header = read_header(data, self.settings.max_image_pixels)
+                reservation = ticket.reserve_pixels(header.pixels, held_by_request=keep_pixels)
+                job = self.decode_pool.submit(
+                    prepare, data, self.settings.max_image_pixels, self.engine.input_size, keep_pixels
+                )
+                # Released when the thread is done (or the job cancelled before it started), not when the request
+                # stops waiting: a decode that outlives its request still holds its memory.
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(reservation.release))
+                return await asyncio.wrap_future(job)
+        except TimeoutError:
+            raise DeadlineExceeded("the request waited past its deadline to be decoded") from None
+
+    async def detect(
+        self,
+        ticket: Ticket,
+        data: bytes,
+        query: DetectQuery,
+        request_id: str,
+        arrived: float,
+        keep_pixels: bool = False,
+    ) -> ImageResult:
+        """One image of an admitted request: decode (decode pool), batch queue, inference, boxes back to its pixels.
+
+        ``arrived`` is the request's ``time.monotonic()`` arrival. The decoded pixels are kept (``keep_pixels``)
+        only for drawing: a queued request otherwise holds just the model input.
+        """
+        engine, metrics = self.engine, self.metrics
+        prepared = await self._prepare(ticket, data, keep_pixels, self.deadline(arrived))
+        metrics.preprocess_duration.observe(prepared.seconds)
+        submitted = time.monotonic()
+        output = await self.batcher.submit(prepared.tensor, deadline=self.deadline(arrived))
+        finished = time.monotonic()
+        detections = engine.detections(output.rows, prepared.geometry, query.conf, query.classes, query.max_det)
+        for detection in detections:
+            metrics.detections.labels(detection.class_name).inc()
+        done = time.monotonic()
+        geometry = prepared.geometry
+        response = DetectResponse(
+            request_id=request_id,
+            model={"name": engine.name, "version": engine.version},
+            image={"width": geometry.width, "height": geometry.height},
+            detections=[
+                {
+                    "class_id": d.class_id,
+                    "class_name": d.class_name,
+                    "confidence": d.confidence,
+                    "box": dict(zip(("x1", "y1", "x2", "y2"), d.box, strict=True)),
+                }
+                for d in detections
+            ],
+            timings_ms={
+                "queue": round(max(finished - submitted - output.inference_seconds, 0) * 1000, 2),
+                "preprocess": round(prepared.seconds * 1000, 2),
+                "inference": round(output.inference_seconds * 1000, 2),
+                "postprocess": round((done - finished) * 1000, 2),
+                "total": round((done - arrived) * 1000, 2),
+            },
+            batch_size=output.batch_size,
+        )
+        return ImageResult(response, detections, prepared.pixels)

@@ -1,0 +1,84 @@
+"""A fake :class:`service.engine.Engine` and an in-process client for the app: no model, no sockets, no subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+
+import httpx
+import torch
+from fastapi import FastAPI
+
+from model.checkpoint import ModelMetadata
+from service.app import create_app
+from service.config import Settings
+from service.engine import detections_from_rows
+from service.images import Letterbox
+from service.schemas import Detection
+
+NAMES = ["triangle", "star"]
+INPUT_SIZE = 64
+# One detection per image, whatever the image: a star over the model input's centre half, score 0.9.
+ROW = (INPUT_SIZE / 4, INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 0.9, 1.0)
+
+
+class FakeEngine:
+    """Honours :class:`service.engine.Engine`: every image gets :data:`ROW` (then zero rows). ``gate`` holds each
+    batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches`` records the
+    size of each batch run."""
+
+    name = "fake"
+    version = "0"
+    names = NAMES
+    input_size = INPUT_SIZE
+    device = "cpu"
+    dtype = "float32"
+    akconv_layers = 0
+    parameters = 0
+    metadata = ModelMetadata("fake", "0", {}, NAMES, INPUT_SIZE, "ij")
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+        self.entered = 0
+        self.batches: list[int] = []
+
+    def warm_up(self, max_batch_size: int, rounds: int) -> None:
+        pass
+
+    def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
+        self.entered += 1
+        self.gate.wait(30)
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("injected fault")
+        rows = torch.zeros(len(images), 4, 6)  # (B, K, 6)
+        rows[:, 0] = torch.tensor(ROW)
+        return rows
+
+    def detections(
+        self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
+    ) -> list[Detection]:
+        return detections_from_rows(rows, self.names, geometry, conf, classes, max_det)
+
+    def gpu_memory(self) -> dict[str, int]:
+        return {}
+
+
+def fake_settings(**values: object) -> Settings:
+    """Settings for an in-process app: the defaults, no warm-up, ``values`` over them."""
+    return Settings(warmup_rounds=0, **values)
+
+
+@contextlib.asynccontextmanager
+async def app_client(
+    settings: Settings | None = None, engine: FakeEngine | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """An app on :class:`FakeEngine`, its lifespan run, and an httpx client talking to it in-process."""
+    app = create_app(settings or fake_settings(), engine or FakeEngine())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            yield client, app
