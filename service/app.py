@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
@@ -28,7 +29,7 @@ from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
 from service.engine import Engine, TorchEngine
-from service.errors import ServiceError
+from service.errors import ServiceError, ShuttingDown
 from service.metrics import Metrics
 from service.pipeline import Pipeline, batch_runner
 from service.routes import detect_router, ops_router
@@ -40,6 +41,23 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _service_error(error: ServiceError) -> JSONResponse:
+    return _error(error.status, error.code, error.message, error.headers)
+
+
+def _endpoint(scope: Scope, routes: list[Route]) -> str:
+    """The metric label of a request: its route's template, or ``unmatched``; never the raw path (an unbounded
+    label). A request answered before routing (a CORS preflight) gets the template of the route it names."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in routes:
+        match, _ = candidate.matches(scope)
+        if match is not Match.NONE:
+            return candidate.path
+    return "unmatched"
 
 
 def _observer(metrics: Metrics) -> BatchObserver:
@@ -68,11 +86,16 @@ def _admission(settings: Settings, metrics: Metrics) -> Admission:
 
 
 class ObserveRequests:
-    """Pure ASGI middleware: request id, arrival time, request metrics and one JSON access-log line per request."""
+    """Pure ASGI middleware: request id, arrival time, request metrics and one JSON access-log line per request.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    Also the last word on a request the server gives up on: uvicorn cancels what is still running when its drain
+    window ends, and such a request is answered a JSON 503 ``shutting_down`` here (not uvicorn's plain-text 500).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[Route]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,20 +106,26 @@ class ObserveRequests:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only the server cancels a request's task: its drain window is over. The task ends here, answered.
+            if not started:
+                await _service_error(ShuttingDown("the server shut down before this request was answered"))(
+                    scope, receive, send_with_id
+                )
         finally:
-            route = scope.get("route")  # set by FastAPI's routes; the docs routes are plain Starlette ones
-            endpoint = route.path if route else ("unmatched" if status == 404 else scope["path"])
+            endpoint = _endpoint(scope, self.routes)
             seconds = time.monotonic() - arrived
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(seconds)
@@ -173,13 +202,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
             expose_headers=["Retry-After", "X-Detections", "X-Request-ID"],
         )
-    app.add_middleware(ObserveRequests, metrics=metrics)
+    routes = [
+        route for route in (*app.router.routes, *detect_router.routes, *ops_router.routes) if isinstance(route, Route)
+    ]
+    app.add_middleware(ObserveRequests, metrics=metrics, routes=routes)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
         if error.rejection:
             metrics.rejected.labels(error.rejection).inc()
-        return _error(error.status, error.code, error.message, error.headers)
+        return _service_error(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -69,12 +69,19 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class ShuttingDown(ServiceError):
+    """The server's drain window ended before this request was answered."""
+
+    status, code = 503, "shutting_down"
+
+
 class DeadlineExceeded(ServiceError):
     status, code, rejection = 504, "deadline_exceeded", "deadline"
 
 
 class ClientGone(ServiceError):
-    """The client disconnected while its request was queued; nobody receives this response."""
+    """The client disconnected (mid-body, or while its request was decoded, queued or run); nobody receives this
+    response, but the access log and the request metrics count it as 499."""
 
     status, code, rejection = 499, "client_gone", "client_gone"
 

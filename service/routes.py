@@ -75,7 +75,8 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (queued images are then skipped)."""
+    """Await ``work``; if the client disconnects first (or this request is cancelled), cancel it: its queued images
+    are then skipped."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -87,8 +88,9 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
         await asyncio.gather(task, return_exceptions=True)
         raise ClientGone("the client disconnected")
     return task.result()

@@ -52,10 +52,13 @@ def running_server(
 
 
 @contextlib.contextmanager
-def serving_in_thread(app: FastAPI) -> Iterator[str]:
+def serving_in_thread(app: FastAPI, **options: object) -> Iterator[tuple[str, uvicorn.Server]]:
     """``app`` (e.g. on a fake engine) under a real uvicorn on 127.0.0.1, in a thread of this process; yields its
-    URL once it listens, stops it afterwards. For the cases that live in sockets, without a model to load."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False, http="h11")
+    URL and the server once it listens, stops it afterwards. ``options``: more ``uvicorn.Config`` arguments. For the
+    cases that live in sockets, without a model to load."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False, http="h11", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -65,7 +68,7 @@ def serving_in_thread(app: FastAPI) -> Iterator[str]:
         time.sleep(0.1)
     assert server.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://127.0.0.1:{config.port}", server
     finally:
         server.should_exit = True
         thread.join(60)

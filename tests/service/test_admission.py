@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from urllib.parse import urlparse
 
 import numpy as np
@@ -235,21 +236,25 @@ def test_stalled_uploads_are_refused_at_the_door_over_real_sockets():
     settings = fake_settings(max_upload_bytes=limit, max_body_bytes=budget, request_timeout_s=30)
     app = create_app(settings, FakeEngine())
     head = f"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {limit}\r\n\r\n".encode()
-    with serving_in_thread(app) as url:
+    with serving_in_thread(app) as (url, _):
         address = urlparse(url)
+        admission = app.state.service.pipeline.admission
         stalled = []
         try:
             for _ in range(budget // limit):
                 sock = socket.create_connection((address.hostname, address.port), timeout=30)
                 sock.sendall(head + b"\x89PNG" + b"x" * (limit // 2))
                 stalled.append(sock)
+            for _ in range(300):  # until the server has admitted them all (30 s at most)
+                if admission.body_bytes.in_use == budget:
+                    break
+                time.sleep(0.1)
             with socket.create_connection((address.hostname, address.port), timeout=30) as refused:
                 refused.sendall(head)
                 answer = b""
                 while b'"code":"overloaded"' not in answer and (more := refused.recv(65536)):
                     answer += more
-            state = app.state.service.pipeline.admission
-            held = state.body_bytes.in_use
+            held = admission.body_bytes.in_use
         finally:
             for sock in stalled:
                 sock.close()

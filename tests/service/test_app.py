@@ -1,0 +1,111 @@
+"""The app's wiring: request metrics and their labels, clients that hang up, the end of the drain window."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import socket
+import uuid
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+
+from service.app import create_app
+from tests.image_files import encode
+from tests.service.fakes import FakeEngine, app_client, fake_settings
+from tests.service.server import metric_value, serving_in_thread
+
+PNG = encode(np.full((48, 64, 3), 90, dtype=np.uint8))
+
+
+def test_endpoint_labels_are_route_templates_or_unmatched():
+    """The issue's CORS case, scaled: preflights to random paths became one label each; now they share one."""
+    settings = fake_settings(cors_origins=["https://app.example"])
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+
+    async def scenario():
+        async with app_client(settings) as (client, _):
+            for _ in range(50):
+                await client.options(f"/{uuid.uuid4().hex}", headers=preflight)
+                await client.get(f"/{uuid.uuid4().hex}")
+            await client.options("/detect", headers=preflight)
+            await client.post("/detect", files={"file": ("a.png", PNG)})
+            return (await client.get("/metrics")).text
+
+    text = asyncio.run(asyncio.wait_for(scenario(), 60))
+    labels = set(re.findall(r'^detector_requests_total\{endpoint="([^"]*)"', text, re.MULTILINE))
+    assert labels == {"/detect", "unmatched"}
+    assert metric_value(text, 'detector_requests_total{endpoint="unmatched",status="404"}') == 50
+    assert metric_value(text, 'detector_requests_total{endpoint="/detect",status="200"}') == 2  # preflight + post
+
+
+def wait_for(url: str, series: str, value: float) -> str:
+    """/metrics once ``series`` has reached ``value`` (10 s at most)."""
+    for _ in range(200):
+        text = httpx.get(url + "/metrics").text
+        if series in text and metric_value(text, series) >= value:
+            return text
+        asyncio.run(asyncio.sleep(0.05))
+    raise AssertionError(f"{series} never reached {value}")
+
+
+@pytest.mark.e2e
+def test_clients_that_hang_up_are_client_gone_not_server_errors(caplog):
+    """Over real sockets: one client hangs up after sending while its image is held at the engine, one in the
+    middle of its body. Both are 499 ``client_gone`` in the request metrics and the access log; no 5xx, no
+    traceback, no ERROR line."""
+    engine = FakeEngine()
+    app = create_app(fake_settings(), engine)
+    caplog.set_level(logging.INFO)
+    with serving_in_thread(app) as (url, _):
+        address = urlparse(url)
+        engine.gate.clear()
+        body = b"--b\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n" + PNG + b"\r\n--b--\r\n"
+        head = (
+            "POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Content-Length: {}\r\n\r\n"
+        )
+        gone = 'detector_requests_total{endpoint="/detect",status="499"}'
+        try:
+            with socket.create_connection((address.hostname, address.port)) as sent_all:
+                sent_all.sendall(head.format(len(body)).encode() + body)
+                while not engine.entered:
+                    asyncio.run(asyncio.sleep(0.01))
+            wait_for(url, gone, 1)
+            with socket.create_connection((address.hostname, address.port)) as mid_body:
+                mid_body.sendall(head.format(len(body)).encode() + body[:100])
+                wait_for(url, 'detector_admission_in_use{budget="body_bytes"}', 1)
+            text = wait_for(url, gone, 2)
+        finally:
+            engine.gate.set()
+    assert metric_value(text, 'detector_rejected_total{reason="client_gone"}') == 2
+    assert not re.search(r'status="5\d\d"', text)
+    access = [r for r in caplog.records if r.name == "service.access" and r.path == "/detect"]
+    assert [r.status for r in access] == [499, 499]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.e2e
+def test_requests_unanswered_at_the_end_of_the_drain_window_get_json_503(caplog):
+    """uvicorn cancels what still runs when its graceful-shutdown window ends; such a request is answered JSON 503
+    ``shutting_down`` (before: uvicorn's plain-text 500)."""
+    engine = FakeEngine()
+    app = create_app(fake_settings(), engine)
+    with (
+        serving_in_thread(app, timeout_graceful_shutdown=1) as (url, server),
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        engine.gate.clear()
+        pending = pool.submit(httpx.post, url + "/detect", files={"file": ("a.png", PNG)}, timeout=30)
+        while not engine.entered:
+            asyncio.run(asyncio.sleep(0.01))
+        server.should_exit = True
+        response = pending.result(30)
+        engine.gate.set()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert "Exception in ASGI application" not in caplog.text
