@@ -68,6 +68,17 @@ def ready_pipeline(state: StateDep) -> Pipeline:
 PipelineDep = Annotated[Pipeline, Depends(ready_pipeline)]
 
 
+def class_id(token: str, names: list[str]) -> int:
+    """The id of a class given by id (ASCII digits only: ``"²"`` and ``"١"`` are not ids) or by name."""
+    token = token.strip()
+    # Bounded before int(): Python refuses to parse integers of more than 4,300 digits (a ValueError, a 500).
+    if token.isascii() and token.isdigit() and len(token) <= 9 and int(token) < len(names):
+        return int(token)
+    if token in names:
+        return names.index(token)
+    raise BadRequest(f"unknown class {token!r}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
+
+
 def detect_query(
     state: StateDep,
     conf: Annotated[float | None, Query(ge=0, le=1, description="minimum confidence; default from settings")] = None,
@@ -75,16 +86,11 @@ def detect_query(
     classes: Annotated[str | None, Query(description="comma-separated class ids or names", examples=["star"])] = None,
 ) -> DetectQuery:
     selected = None
-    if classes:
+    if classes is not None:
         names = state.pipeline.engine.names if state.pipeline else []
-        selected = set()
-        for token in (t.strip() for t in classes.split(",") if t.strip()):
-            if token.isdigit() and int(token) < len(names):
-                selected.add(int(token))
-            elif token in names:
-                selected.add(names.index(token))
-            else:
-                raise BadRequest(f"unknown class {token!r}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
+        selected = {class_id(token, names) for token in classes.split(",") if token.strip()}
+        if not selected:
+            raise BadRequest(f"classes is empty; list class ids or names, e.g. classes={names[0] if names else 0}")
     return DetectQuery(
         conf=state.settings.default_conf if conf is None else conf,
         max_det=state.settings.max_detections if max_det is None else max_det,

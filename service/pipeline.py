@@ -22,6 +22,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.admission import Admission, Ticket
+from service.annotate import MAX_SIDE, drawable_copy
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
@@ -130,15 +131,17 @@ class Prepared:
     tensor: torch.Tensor  # (3, S, S) uint8, the letterboxed model input
     geometry: Letterbox
     seconds: float
-    pixels: np.ndarray | None  # (h, w, 3) RGB uint8, kept only when it will be drawn on
+    pixels: np.ndarray | None  # (h, w, 3) RGB uint8, at most annotate.MAX_SIDE a side; only when it will be drawn on
 
 
 def prepare(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
-    """Decode and letterbox ``data`` to the model's ``size``; runs in the decode pool."""
+    """Decode and letterbox ``data`` to the model's ``size``; with ``keep_pixels``, keep a bounded copy to draw on
+    (:func:`service.annotate.drawable_copy`). Runs in the decode pool."""
     started = time.monotonic()
-    image = decode(data, max_pixels, fit=None if keep_pixels else size)  # drawing needs the full resolution
+    image = decode(data, max_pixels, fit=max(size, MAX_SIDE) if keep_pixels else size)
     tensor, geometry = letterbox(image, size)
-    return Prepared(tensor, geometry, time.monotonic() - started, image.pixels if keep_pixels else None)
+    pixels = drawable_copy(image.pixels) if keep_pixels else None
+    return Prepared(tensor, geometry, time.monotonic() - started, pixels)
 
 
 @dataclass

@@ -116,14 +116,17 @@ async def detect(request: Request, pipeline: PipelineDep, query: QueryDep) -> De
 )
 async def detect_annotated(request: Request, pipeline: PipelineDep, query: QueryDep) -> Response:
     """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
-    (JPEG, or PNG when the ``Accept`` header prefers ``image/png``); ``X-Detections`` holds the count."""
+    (JPEG, or PNG when the ``Accept`` header prefers ``image/png``), at most 2,048 pixels on its longer side
+    (larger images are drawn on a downscaled copy); ``X-Detections`` holds the count."""
     media_type = negotiate(request.headers.get("accept"))
     with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
         (image,) = await body_images(request, pipeline, ticket, "file", max_files=1)
         work = pipeline.detect(ticket, image, query, request.state.request_id, request.state.arrived, keep_pixels=True)
         result = await cancel_on_disconnect(request, work)
+        image = result.response.image
+        scale = max(result.pixels.shape[:2]) / max(image.width, image.height)  # the drawn copy may be smaller
         drawn = await asyncio.get_running_loop().run_in_executor(
-            pipeline.decode_pool, lambda: encode(annotate(result.pixels, result.detections), media_type)
+            pipeline.decode_pool, lambda: encode(annotate(result.pixels, result.detections, scale), media_type)
         )
     return Response(drawn, media_type=media_type, headers={"X-Detections": str(len(result.detections))})
 

@@ -147,6 +147,11 @@ def corpus() -> tuple[Case, ...]:
         Case("max_det=0", 400, bad, files=one(jpeg), params={"max_det": "0"}),
         Case("max_det=100000", 400, bad, files=one(jpeg), params={"max_det": "100000"}),
         Case("unknown class name", 400, bad, files=one(jpeg), params={"classes": "unicorn"}),
+        Case("classes=² (a digit, not ASCII)", 400, bad, files=one(jpeg), params={"classes": "²"}),
+        Case("classes=١ (Arabic-Indic one)", 400, bad, files=one(jpeg), params={"classes": "١"}),
+        Case("classes=%00", 400, bad, files=one(jpeg), params={"classes": "\x00"}),
+        Case("classes=,,,,", 400, bad, files=one(jpeg), params={"classes": ",,,,"}),
+        Case("classes= (empty)", 400, bad, files=one(jpeg), params={"classes": ""}),
         # wrong routes
         Case("GET /detect", 405, "method_not_allowed", method="GET"),
         Case("unknown path", 404, "not_found", path="/detect/everything"),

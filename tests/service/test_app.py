@@ -109,3 +109,18 @@ def test_requests_unanswered_at_the_end_of_the_drain_window_get_json_503(caplog)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "shutting_down"
     assert "Exception in ASGI application" not in caplog.text
+
+
+@pytest.mark.e2e
+def test_a_nul_in_the_query_is_answered_json_400_over_a_socket():
+    """``classes=%00`` used to drop the connection."""
+    with serving_in_thread(create_app(fake_settings(), FakeEngine())) as (url, _):
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+            head = "POST /detect?classes=%00 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            sock.sendall(f"{head}Content-Length: {len(PNG)}\r\n\r\n".encode() + PNG)
+            answer = b""
+            while b'"code":"bad_request"' not in answer and (more := sock.recv(65536)):
+                answer += more
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: application/json" in answer

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.image_files import encode
 from tests.service.fakes import FakeEngine, app_client, fake_settings
@@ -178,3 +180,50 @@ def test_not_ready_is_503_while_draining():
     detect, ready = run(scenario())
     assert (detect.status_code, error_code(detect)) == (503, "not_ready")
     assert ready.status_code == 503 and detect.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    "classes",
+    ["²", "١", "\x00", ",,,,", "", " , ", "1" * 5000, "star,unicorn"],
+    ids=["superscript-two", "arabic-indic-one", "nul", "commas", "empty", "blank", "5000-digits", "one-unknown"],
+)
+def test_class_ids_are_ascii_digits_and_an_empty_list_is_refused(classes):
+    async def scenario():
+        async with app_client() as (client, _):
+            return await client.post("/detect", files={"file": ("a.png", PNG)}, params={"classes": classes})
+
+    response = run(scenario())
+    assert (response.status_code, error_code(response)) == (400, "bad_request"), response.text
+
+
+@pytest.mark.parametrize("classes,expected", [("1", 1), ("star", 1), (" 0 , star ", 1), ("triangle", 0)])
+def test_classes_by_id_or_name(classes, expected):
+    async def scenario():
+        async with app_client() as (client, _):
+            return await client.post("/detect", files={"file": ("a.png", PNG)}, params={"classes": classes})
+
+    assert len(run(scenario()).json()["detections"]) == expected
+
+
+@pytest.mark.parametrize(
+    "width,height,fmt,accept",
+    [(1, 100_000, "PNG", "image/jpeg"), (100_000, 1, "PNG", "image/png"), (65_500, 1, "JPEG", "image/jpeg"),
+     (3000, 2000, "JPEG", "image/png"), (64, 48, "PNG", "image/jpeg")],
+    ids=["1x100000-as-jpeg", "100000x1-as-png", "65500x1-jpeg", "3000x2000", "small"],
+)  # fmt: skip
+def test_annotated_answers_any_image_detect_accepts(width, height, fmt, accept):
+    """The issue's thin images (JPEG sides over 65,535, font sizes over FreeType's limit) and a large one: drawn on
+    a copy at most 2,048 pixels a side; a small image keeps its size."""
+    data = encode(np.full((height, width, 3), 90, dtype=np.uint8), fmt)
+
+    async def scenario():
+        async with app_client() as (client, _):
+            files = {"file": ("a", data)}
+            return await client.post("/detect/annotated", files=files, headers={"accept": accept})
+
+    response = run(scenario())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == accept and response.headers["x-detections"] == "1"
+    drawn = Image.open(io.BytesIO(response.content))
+    scale = min(1, 2048 / max(width, height))
+    assert drawn.size == (max(1, round(width * scale)), max(1, round(height * scale)))
