@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -161,6 +161,18 @@ class Pipeline:
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     admission: Admission
+    # Large images decode on at most decode_threads - 1 threads at once (all of them when there is only one): a
+    # flood of large or slow-to-decode images leaves a thread to the small ones (a 1 x 39,999,999 px PNG decodes
+    # for seconds; before, a small request queued behind 60 of them for 46-64 s).
+    large_decodes: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.large_decodes = asyncio.Semaphore(max(1, self.settings.decode_threads - 1))
+
+    def is_large(self, pixels: int) -> bool:
+        """Whether an image of ``pixels`` (from its header) takes the large images' lane: above a tenth of
+        ``max_image_pixels`` (4 M px by default)."""
+        return pixels > self.settings.max_image_pixels // 10
 
     def deadline(self, arrived: float) -> float:
         """The ``time.monotonic()`` by which a request that arrived at ``arrived`` must be answered."""
@@ -194,18 +206,32 @@ class Pipeline:
 
     async def _prepare(self, ticket: Ticket, data: bytes, keep_pixels: bool, deadline: float) -> Prepared:
         """Decode and letterbox in the decode pool, the image's pixels (from its header) reserved on ``ticket``
-        first; waiting for a decode thread counts against ``deadline``. A request decodes one image at a time."""
+        first; waiting for a decode thread (or the large images' lane) counts against ``deadline``. A request
+        decodes one image at a time."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)), ticket.decoding:
                 header = read_header(data, self.settings.max_image_pixels)
                 reservation = ticket.reserve_pixels(header.pixels, held_by_request=keep_pixels)
+                large = self.is_large(header.pixels)
+                try:
+                    if large:
+                        await self.large_decodes.acquire()
+                except BaseException:
+                    reservation.release()
+                    raise
+
+                def decoded() -> None:
+                    reservation.release()
+                    if large:
+                        self.large_decodes.release()
+
                 job = self.decode_pool.submit(
                     prepare, data, self.settings.max_image_pixels, self.engine.input_size, keep_pixels
                 )
                 # Released when the thread is done (or the job cancelled before it started), not when the request
-                # stops waiting: a decode that outlives its request still holds its memory.
-                job.add_done_callback(lambda _: loop.call_soon_threadsafe(reservation.release))
+                # stops waiting: a decode that outlives its request still holds its memory and its thread.
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(decoded))
                 return await asyncio.wrap_future(job)
         except TimeoutError:
             raise DeadlineExceeded("the request waited past its deadline to be decoded") from None

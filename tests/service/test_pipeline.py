@@ -1,0 +1,87 @@
+"""One image's way without HTTP: the pipeline on a fake engine, driven with plain asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service import pipeline as pipeline_module
+from service.admission import Admission
+from service.batcher import DynamicBatcher
+from service.config import Settings
+from service.metrics import Metrics
+from service.pipeline import DetectQuery, Pipeline, batch_runner
+from tests.image_files import encode
+from tests.service.fakes import FakeEngine, fake_settings
+
+QUERY = DetectQuery(conf=0.25, max_det=100, classes=None)
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
+    engine = FakeEngine()
+    batcher = DynamicBatcher(batch_runner(engine), settings.max_batch_size, 0, settings.max_queue)
+    admission = Admission(settings.max_inflight_requests, settings.max_body_bytes, settings.max_decode_pixels)
+    with ThreadPoolExecutor(settings.decode_threads) as decode_pool:
+        pipeline = Pipeline(settings, engine, batcher, Metrics(), decode_pool, admission)
+        batcher.start()
+        try:
+            yield pipeline
+        finally:
+            await batcher.stop()
+
+
+async def detect(pipeline: Pipeline, data: bytes):
+    ticket = pipeline.admit()
+    try:
+        return await pipeline.detect(ticket, data, QUERY, "r", time.monotonic())
+    finally:
+        ticket.close()
+
+
+def test_one_image_through_the_pipeline():
+    async def scenario():
+        async with running_pipeline(fake_settings()) as pipeline:
+            result = await detect(pipeline, encode(np.zeros((48, 64, 3), np.uint8)))
+            return result, pipeline.admission
+
+    result, admission = asyncio.run(scenario())
+    assert result.response.image.width == 64 and [d.class_name for d in result.detections] == ["star"]
+    assert result.pixels is None, "only a drawing request keeps the decoded pixels"
+    assert [budget.in_use for budget in admission.budgets] == [0, 0, 0]
+
+
+def test_small_images_keep_a_decode_thread_while_large_ones_flood(monkeypatch):
+    """Two decode threads; large images may hold only one of them. While two large images are held (one decoding,
+    one waiting for the large lane), a small image is decoded and answered."""
+    large = encode(np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8))  # 9,000 px: large
+    finish = threading.Event()
+    prepare = pipeline_module.prepare
+
+    def slow_for_large(data, *args):
+        if data == large:
+            finish.wait(30)
+        return prepare(data, *args)
+
+    monkeypatch.setattr(pipeline_module, "prepare", slow_for_large)
+    settings = fake_settings(decode_threads=2, max_image_pixels=10000)
+
+    async def scenario():
+        async with running_pipeline(settings) as pipeline:
+            flood = [asyncio.ensure_future(detect(pipeline, large)) for _ in range(2)]
+            while pipeline.admission.decode_pixels.in_use < 18000:
+                await asyncio.sleep(0.01)
+            small = await detect(pipeline, encode(np.zeros((20, 20, 3), np.uint8)))
+            large_still_held = not any(task.done() for task in flood)
+            finish.set()
+            return small, large_still_held, await asyncio.gather(*flood)
+
+    small, large_still_held, flood = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert small.response.image.width == 20 and large_still_held
+    assert [result.response.image.width for result in flood] == [100, 100]
