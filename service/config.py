@@ -25,14 +25,17 @@ class Settings(BaseSettings):
     - ``max_body_bytes`` 256 MiB of bodies in memory (a multipart body counts twice: the parser copies its parts);
       nothing is spooled to ``/tmp``;
     - decoding: at most ``decode_threads`` (2) images decode at once, each at most ``max_image_pixels`` (40 M) at
-      a measured peak of 14 bytes per pixel: 2 × 40 M × 14 B = 1.1 GB; ``max_decode_pixels`` (100 M) bounds the
-      pixels admitted to decoding (waiting or decoding, and the bounded copies kept for drawing, 3 B/px: 0.3 GB),
-      so the wait for a decode thread stays a few seconds (about 10-20 M px/s per thread for PNG);
+      a peak of 14 bytes per pixel (``python -m bench.decode_memory``: a 6000 × 6000 PNG adds 482 MiB): 2 × 40 M ×
+      14 B = 1.1 GB; ``max_decode_pixels`` (100 M) bounds the pixels admitted to decoding (waiting or decoding, and
+      the bounded copies kept for drawing, 3 B/px: 0.3 GB), so the backlog a request can wait behind is bounded
+      (that PNG decodes in 4 s, 9 M px/s on one thread; a 1 × 40 M px PNG, all rows, takes longer);
     - ``max_inflight_requests`` (128): the queue (64) and a batch (8) plus as many reading or decoding; each holds
       its body (counted above) and a 3 × S × S uint8 model input (0.44 MB at S = 384).
 
-    With the process itself (about 0.8 GiB after warm-up) that is 0.8 + 0.25 + 1.1 + 0.3 + 0.1 ≈ 2.6 GiB at
-    worst, leaving 1.4 GiB of the 4 GiB limit for inference activations and allocator slack.
+    With the process itself (1.05 GiB resident after start, measured) that is 1.05 + 0.25 + 1.1 + 0.3 + 0.05 ≈
+    2.75 GiB at worst, leaving 1.25 GiB of the 4 GiB limit for inference activations and allocator slack.
+    Large images (over a tenth of ``max_image_pixels``) decode on at most ``decode_threads - 1`` threads, so one
+    thread stays free for small ones.
     """
 
     model_config = SettingsConfigDict(

@@ -137,3 +137,13 @@ def test_sync_client_retries_503_then_succeeds():
     with pytest.raises(DetectorError) as error:
         client.detect(b"img")
     assert error.value.code == "queue_full" and len(calls) == 2
+
+
+def test_the_client_side_imports_no_torch():
+    """The client, the CLI, the annotator and the response types install and import without torch."""
+    code = (
+        "import sys; import service.client, service.cli, service.annotate, service.schemas; "
+        "print(sorted(m for m in ('torch', 'ultralytics', 'model') if m in sys.modules))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
