@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from service.admission import Admission
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.metrics import Metrics
-from service.pipeline import DetectQuery, Pipeline, batch_runner
+from service.pipeline import DetectQuery, Pipeline, batch_runner, multipart_files
 from tests.image_files import encode
 from tests.service.fakes import FakeEngine, fake_settings
 
@@ -85,3 +86,17 @@ def test_small_images_keep_a_decode_thread_while_large_ones_flood(monkeypatch):
     small, large_still_held, flood = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert small.response.image.width == 20 and large_still_held
     assert [result.response.image.width for result in flood] == [100, 100]
+
+
+def test_multipart_files_are_parsed_in_memory_never_spooled_to_disk(monkeypatch):
+    """The issue's 150 multipart uploads spooled 658 MiB to /tmp (an emptyDir of 256 MiB in Kubernetes): a file
+    part larger than Starlette's 1 MiB spool threshold now stays in memory."""
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("a multipart part was spooled to disk")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
+    data = np.random.default_rng(0).bytes(3 * 2**20)
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + data + b"\r\n--b--\r\n"
+    files = asyncio.run(multipart_files(body, "multipart/form-data; boundary=b", "file", max_files=1))
+    assert files == [data]
