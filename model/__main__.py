@@ -1,10 +1,17 @@
-"""``python -m model``: train, convert and evaluate YOLOv10-AKConv models."""
+"""``python -m model``: train, convert, inspect and evaluate YOLOv10-AKConv models.
+
+A model file that cannot be used ends the command with one line on stderr naming the file and what to do, and the
+exit status of its kind (see :class:`model.checkpoint.CheckpointError`: 4 not found, 5 damaged, 6 refused, 7 parts
+that disagree, 8 output exists).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -32,8 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--workers", type=int, default=2)
     train.add_argument("--indexing", choices=["ij", "xy"], default="ij")
     train.add_argument("--project", type=Path, default=Path("runs/train"))
-    train.add_argument("--name", default="akconv")
-    train.add_argument("--resume", action="store_true", help="continue PROJECT/NAME/weights/last.pt")
+    train.add_argument("--run-name", default=None, help="run folder under PROJECT (default: the --out folder's name)")
+    train.add_argument("--name", default=None, help="model name in the bundle (default: the run name)")
+    train.add_argument("--version", default=None, help="model version in the bundle (default: today's date)")
+    train.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    train.add_argument("--resume", action="store_true", help="continue PROJECT/RUN_NAME/weights/last.pt")
     train.add_argument("--weights", type=Path, default=None, help="start from this bundle or .pt (fine-tuning)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
@@ -48,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out_dir", type=Path)
     convert.add_argument("--fp32", action="store_true", help="keep float32 weights (default: fp16)")
+    convert.add_argument("--name", default=None, help="model name (default: the file's stem and architecture)")
+    convert.add_argument("--version", default=None, help="model version (default: the checkpoint's date)")
+    convert.add_argument("--force", action="store_true", help="replace an existing bundle at OUT_DIR")
+
+    inspect = commands.add_parser("inspect", help="what a bundle or .pt is, without serving it")
+    inspect.add_argument("model", type=Path, help="bundle directory or ultralytics .pt")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     evaluate = commands.add_parser("evaluate", help="mAP of a model on held-out synthetic seeds")
     evaluate.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
@@ -59,6 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
 
     args = parser.parse_args(argv)
+    from model.checkpoint import CheckpointError
+
+    try:
+        run(args)
+    except CheckpointError as error:
+        print(f"python -m model {args.command}: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from model.train import train as run_training
 
@@ -73,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             indexing=args.indexing,
             project=args.project,
-            name=args.name,
+            run_name=args.run_name,
+            model_name=args.name,
+            version=args.version,
+            force=args.force,
             resume=args.resume,
             initial_weights=args.weights,
             seed=args.seed,
@@ -84,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"bundle written to {out}")
     elif args.command == "convert":
-        from model.checkpoint import import_checkpoint, save_bundle
+        from model.checkpoint import check_writable, import_checkpoint, save_bundle
 
-        loaded = import_checkpoint(args.checkpoint)
+        check_writable(args.out_dir, args.force)
+        loaded = import_checkpoint(args.checkpoint, name=args.name, version=args.version)
         meta = loaded.metadata
         save_bundle(
             loaded.model,
@@ -96,12 +127,26 @@ def main(argv: list[str] | None = None) -> None:
             input_size=meta.input_size,
             provenance=meta.provenance,
             half=not args.fp32,
+            force=args.force,
         )
-        print(f"bundle written to {args.out_dir}")
+        print(f"bundle {meta.name} {meta.version} written to {args.out_dir}")
+    elif args.command == "inspect":
+        from model.checkpoint import describe
+
+        description = describe(args.model)
+        print(json.dumps(description, indent=2) if args.json else _as_text(description))
     else:
         from model.evaluate import evaluate_synthetic
 
         print(json.dumps(evaluate_synthetic(args.model, args.count, args.first_seed, args.size), indent=2))
+
+
+def _as_text(description: dict[str, Any]) -> str:
+    """``inspect``'s report for people: one ``label: value`` line per field, provenance indented below."""
+    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in description.items() if key != "provenance"]
+    lines.append("provenance:")
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in description["provenance"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
