@@ -22,6 +22,7 @@ from model.checkpoint import (
     ModelMismatch,
     ModelNotFound,
     RefusedModel,
+    architecture_name,
     file_sha256,
     import_checkpoint,
     load,
@@ -297,3 +298,18 @@ def test_inspect_reports_a_bundle_and_refuses_a_damaged_one(bundle):
     assert damaged.returncode == CorruptModel.exit_status
     assert damaged.stderr.strip().count("\n") == 0 and "Traceback" not in damaged.stderr
     assert str(weights) in damaged.stderr
+
+
+@pytest.mark.parametrize(
+    ("yaml_file", "scale", "backbone_layer", "name"),
+    [
+        ("yolov10nAKConv.yaml", "s", "AKConv", "yolov10s-akconv"),  # the seed recipe's yaml, trained at scale s
+        ("yolov10n.yaml", "n", "Conv", "yolov10n"),
+        (None, "n", "AKConv", "yolov10n-akconv"),
+    ],
+)
+def test_architecture_names_come_from_the_config_not_the_yaml_file_name(yaml_file, scale, backbone_layer, name):
+    config = {"scale": scale, "backbone": [[-1, 1, backbone_layer, [64, 3, 2]]], "head": []}
+    if yaml_file:
+        config["yaml_file"] = yaml_file
+    assert architecture_name(config) == name
