@@ -265,7 +265,9 @@ def _check_identity(metadata: ModelMetadata, where: str) -> None:
         raise RefusedModel(f"{where}: akconv_indexing must be 'ij' or 'xy', got {metadata.akconv_indexing[:20]!r}")
     nc = metadata.config.get("nc")
     if len(metadata.names) != nc:
-        raise ModelMismatch(f"{where}: {len(metadata.names)} class names for a config with nc={nc}")
+        raise ModelMismatch(
+            f"{where}: {len(metadata.names)} class names for a config with nc={nc}; give one name per class"
+        )
 
 
 def read_metadata(bundle: Path) -> ModelMetadata:
@@ -345,7 +347,7 @@ def _rebuild(metadata: ModelMetadata, state_dict: dict[str, torch.Tensor], sourc
     if classes is not None and classes != metadata.config["nc"]:
         raise ModelMismatch(
             f"{source}: the weights are for {classes} classes but the config says nc={metadata.config['nc']}: "
-            "the weights and the config come from different models"
+            "the weights and the config come from different models; convert the checkpoint they were trained as"
         )
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     reshaped = [k for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape]
@@ -353,7 +355,8 @@ def _rebuild(metadata: ModelMetadata, state_dict: dict[str, torch.Tensor], sourc
         first = sorted(reshaped or missing or unexpected)[0]
         raise ModelMismatch(
             f"{source}: the weights do not match the config ({len(missing)} tensors missing, {len(unexpected)} "
-            f"unexpected, {len(reshaped)} of another shape; first: {first}): they come from a different model"
+            f"unexpected, {len(reshaped)} of another shape; first: {first}): they come from a different model; "
+            "convert the checkpoint they were trained as"
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     model.names = dict(enumerate(metadata.names))
