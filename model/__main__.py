@@ -24,37 +24,55 @@ def _override(item: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none or its help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        no_default = action.default in (None, False, [], argparse.SUPPRESS)
+        if no_default or "default" in help_text or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)".strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a config on an ultralytics data set yaml and write a bundle")
+    train = commands.add_parser(
+        "train", formatter_class=_ShowDefaults, help="train a config on an ultralytics data set yaml and write a bundle"
+    )
     train.add_argument("--config", default="yolov10n-akconv", help="bundled config name or YAML path")
     train.add_argument("--data", required=True, help="ultralytics data set yaml")
     train.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    train.add_argument("--imgsz", type=int, default=640)
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--imgsz", type=int, default=640, help="square training input side, pixels")
+    train.add_argument("--epochs", type=int, default=100, help="epochs to train (a --time budget may stop it sooner)")
+    train.add_argument("--batch", type=int, default=16, help="images per batch")
     train.add_argument("--device", default="cpu", help="cpu, 0, 0,1, ...")
-    train.add_argument("--workers", type=int, default=2)
-    train.add_argument("--indexing", choices=["ij", "xy"], default="ij")
-    train.add_argument("--project", type=Path, default=Path("runs/train"))
+    train.add_argument("--workers", type=int, default=2, help="data loader processes")
+    train.add_argument("--indexing", choices=["ij", "xy"], default="ij", help="AKConv sampling geometry")
+    train.add_argument("--project", type=Path, default=Path("runs/train"), help="folder of ultralytics' runs")
     train.add_argument("--run-name", default=None, help="run folder under PROJECT (default: the --out folder's name)")
     train.add_argument("--name", default=None, help="model name in the bundle (default: the run name)")
     train.add_argument("--version", default=None, help="model version in the bundle (default: today's date)")
     train.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     train.add_argument("--resume", action="store_true", help="continue PROJECT/RUN_NAME/weights/last.pt")
     train.add_argument("--weights", type=Path, default=None, help="start from this bundle or .pt (fine-tuning)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic)")
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
     train.add_argument("--cache", choices=["ram", "disk"], default=None, help="cache decoded images")
-    train.add_argument("--time", type=float, default=None, help="hours; fits the epochs to it (also on --resume)")
+    train.add_argument(
+        "--time", type=float, default=None,
+        help="hours: stop when the budget is spent; the learning-rate schedule is fitted to it, never past --epochs",
+    )  # fmt: skip
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", type=_override,
         help="any other ultralytics train setting, e.g. --set lr0=0.001 --set optimizer=AdamW (repeatable)",
     )  # fmt: skip
 
-    convert = commands.add_parser("convert", help="convert an ultralytics .pt into a bundle")
+    convert = commands.add_parser(
+        "convert", formatter_class=_ShowDefaults, help="convert an ultralytics .pt into a bundle"
+    )
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out_dir", type=Path)
     convert.add_argument("--fp32", action="store_true", help="keep float32 weights (default: fp16)")
@@ -62,13 +80,17 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--version", default=None, help="model version (default: the checkpoint's date)")
     convert.add_argument("--force", action="store_true", help="replace an existing bundle at OUT_DIR")
 
-    inspect = commands.add_parser("inspect", help="what a bundle or .pt is, without serving it")
+    inspect = commands.add_parser(
+        "inspect", formatter_class=_ShowDefaults, help="what a bundle or .pt is, without serving it"
+    )
     inspect.add_argument("model", type=Path, help="bundle directory or ultralytics .pt")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    evaluate = commands.add_parser("evaluate", help="mAP of a model on held-out synthetic seeds")
+    evaluate = commands.add_parser(
+        "evaluate", formatter_class=_ShowDefaults, help="mAP of a model on held-out synthetic seeds"
+    )
     evaluate.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
-    evaluate.add_argument("--count", type=int, default=500)
+    evaluate.add_argument("--count", type=int, default=500, help="held-out images")
     evaluate.add_argument("--first-seed", type=int, default=None, help="default: the 'test' split")
     evaluate.add_argument(
         "--size", type=int, default=None,

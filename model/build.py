@@ -125,7 +125,7 @@ def build_model(
 
     parsed = _with_placeholders({key: value for key, value in cfg.items() if key != "activation"})
     with _restricted_build(cfg.get("activation")):
-        model = DetectionModel(parsed, nc=cfg["nc"], verbose=verbose)
+        model = DetectionModel(parsed, nc=cfg["nc"], verbose=False)  # its summary would show the placeholders
     for i, args in _akconv_rows(cfg).items():
         placeholder = model.model[i]
         layer = AKConv(placeholder.conv.in_channels, placeholder.conv.out_channels, *args[1:], indexing=indexing)

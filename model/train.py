@@ -41,6 +41,18 @@ class AKConvTrainer(DetectionTrainer):
 
     indexing: Indexing = "ij"
     initial_weights: Path | None = None  # a bundle or .pt whose matching tensors start a fresh run
+    epoch_cap: int | None = None  # with a time budget, ultralytics re-fits the epoch count to it: never above this
+
+    @property
+    def epochs(self) -> int:
+        return self._epochs
+
+    @epochs.setter
+    def epochs(self, value: int) -> None:
+        # Ultralytics' time mode sets ``self.epochs`` after each epoch from the budget and the mean epoch time, which
+        # can raise it far beyond what was asked for; a budget should only ever cut a run short.
+        self._epochs = min(value, self.epoch_cap) if self.epoch_cap else value
+        self.args.epochs = self._epochs
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True):
         # Ultralytics' device selection leaves CPU training on cores - 1 threads (one thread on 2 cores).
@@ -114,6 +126,7 @@ def train(
     trainer = AKConvTrainer(overrides=args)
     trainer.indexing = indexing
     trainer.initial_weights = initial_weights
+    trainer.epoch_cap = None if resume else epochs  # a resumed run keeps its checkpoint's epoch count
     trainer.train()
     minutes = (time.monotonic() - started) / 60
 

@@ -62,3 +62,21 @@ def test_an_existing_bundle_is_refused_before_training_starts(tiny):
     with pytest.raises(BundleExists, match="--force"):
         train("yolov10n-akconv", data_yaml, bundle, imgsz=64, epochs=1, project=root / "runs", run_name="again")
     assert not (root / "runs" / "again").exists(), "refused before ultralytics made a run"
+
+
+def test_a_time_budget_never_raises_the_epoch_count(tiny):
+    """Ultralytics re-fits epochs to a --time budget after each epoch (an hour would allow hundreds here)."""
+    root, data_yaml, _ = tiny
+    bundle = train(
+        "yolov10n-akconv", data_yaml, root / "budget", imgsz=64, epochs=1, batch=4, workers=0,
+        project=root / "runs", time=1.0,
+    )  # fmt: skip
+    assert load(bundle).metadata.provenance["epochs"] == 1
+
+
+def test_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "(default: 640)" in shown and "(default: 100)" in shown and "(default: yolov10n-akconv)" in shown
