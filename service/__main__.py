@@ -6,14 +6,19 @@ readiness drops to 503 at once, new requests are refused, everything accepted is
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
 from fastapi import FastAPI
 
+from model.checkpoint import CheckpointError
 from service.app import create_app
 from service.config import Settings, settings_from_cli
+from service.engine import Engine
 from service.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 STARTUP_FAILURE = 3
 
@@ -30,7 +35,6 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app: FastAPI, settings: Settings) -> None:
     """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) until a stop signal."""
-    configure_logging(settings.log_level)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -47,9 +51,21 @@ def serve(app: FastAPI, settings: Settings) -> None:
         sys.exit(STARTUP_FAILURE)
 
 
+def load_engine(settings: Settings) -> Engine:
+    """The model on its device, before the server starts. A model file that cannot be used ends the process with
+    one plain line on stderr and its kind's exit status (``model/README.md``); the traceback only at debug level."""
+    try:
+        return Engine(settings)
+    except CheckpointError as error:
+        log.debug("the model could not be loaded", exc_info=True)
+        print(f"akconv-serve: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = settings_from_cli(sys.argv[1:] if argv is None else argv)
-    serve(create_app(settings), settings)
+    configure_logging(settings.log_level)
+    serve(create_app(settings, load_engine(settings)), settings)
 
 
 if __name__ == "__main__":

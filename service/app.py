@@ -28,7 +28,7 @@ from service.admission import Admission
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
-from service.engine import Engine, TorchEngine
+from service.engine import Engine, EngineProtocol
 from service.errors import ServiceError, ShuttingDown
 from service.metrics import Metrics
 from service.pipeline import Pipeline, batch_runner
@@ -144,15 +144,15 @@ class ObserveRequests:
             )
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app for ``settings``; ``engine`` replaces the :class:`TorchEngine` built from settings (tests use a
+def create_app(settings: Settings, engine: EngineProtocol | None = None) -> FastAPI:
+    """The app for ``settings``; ``engine`` replaces the :class:`Engine` built from settings (tests use a
     fake one, or inject faults this way)."""
     metrics = Metrics()
     state = ServiceState(settings=settings, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ready_engine = engine or await asyncio.to_thread(TorchEngine, settings)
+        ready_engine = engine or await asyncio.to_thread(Engine, settings)
         await asyncio.to_thread(ready_engine.warm_up, settings.max_batch_size, settings.warmup_rounds)
         batcher = DynamicBatcher(
             run_batch=batch_runner(ready_engine),

@@ -1,7 +1,7 @@
 """The model on its device: loaded once, fused, warmed up; runs one batch; turns raw rows into detections.
 
-Knows nothing of HTTP or queues. :class:`Engine` is the contract the rest of the service holds it to (tests run
-the HTTP layer against a fake that honours it); :class:`TorchEngine` is the real one. Rows are
+Knows nothing of HTTP or queues. :class:`EngineProtocol` is the contract the rest of the service holds an engine to
+(tests run the HTTP layer against a fake that honours it); :class:`Engine` is the real one. Rows are
 :class:`model.Detector`'s: images (B, 3, S, S) in [0, 1] -> (B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in
 input pixels, from the one-to-one head, sorted by score, no NMS.
 """
@@ -23,7 +23,7 @@ from service.schemas import Detection
 log = logging.getLogger(__name__)
 
 
-class Engine(Protocol):
+class EngineProtocol(Protocol):
     """What the service needs of a model engine.
 
     ``infer`` runs in the batcher's single worker thread; everything else is called from the event loop.
@@ -37,6 +37,10 @@ class Engine(Protocol):
 
     @property
     def metadata(self) -> ModelMetadata: ...
+
+    @property
+    def checksum(self) -> str:
+        """The model file's checksum status: ``verified``, ``not recorded`` or ``not applicable``."""
 
     @property
     def names(self) -> list[str]:
@@ -106,14 +110,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class TorchEngine:
-    """The :class:`Engine` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on CUDA)."""
+class Engine:
+    """The :class:`EngineProtocol` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on
+    CUDA)."""
 
     def __init__(self, settings: Settings) -> None:
+        """Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used."""
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
         loaded = load(settings.model_path)
         self.metadata = loaded.metadata
+        self.checksum = loaded.checksum  # "verified", "not recorded" (format 1 bundle) or "not applicable" (.pt)
         self.names = list(loaded.metadata.names)
         self.torch_device = resolve_device(settings.device)
         half = settings.half if settings.half is not None else self.torch_device.type == "cuda"

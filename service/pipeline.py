@@ -25,7 +25,7 @@ from service.admission import Admission, Ticket
 from service.annotate import MAX_SIDE, drawable_copy
 from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import Engine
+from service.engine import EngineProtocol
 from service.errors import BadRequest, DeadlineExceeded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from service.images import Letterbox, decode, letterbox, read_header
 from service.metrics import Metrics
@@ -50,7 +50,7 @@ class BatchOutput:
     inference_seconds: float
 
 
-def batch_runner(engine: Engine) -> Callable[[list[torch.Tensor]], list[BatchOutput]]:
+def batch_runner(engine: EngineProtocol) -> Callable[[list[torch.Tensor]], list[BatchOutput]]:
     """The batcher's ``run_batch``: one engine call for the batch, its rows split per image."""
 
     def run_batch(images: list[torch.Tensor]) -> list[BatchOutput]:
@@ -156,7 +156,7 @@ class Pipeline:
     """One image's way, for the process: decode pool, batcher and engine are shared by every request."""
 
     settings: Settings
-    engine: Engine
+    engine: EngineProtocol
     batcher: DynamicBatcher[torch.Tensor, BatchOutput]
     metrics: Metrics
     decode_pool: ThreadPoolExecutor

@@ -18,7 +18,8 @@ import torch
 from service.__main__ import serve
 from service.app import create_app
 from service.config import settings_from_cli
-from service.engine import TorchEngine
+from service.engine import Engine
+from service.logs import configure_logging
 from tests.image_files import encode
 
 POISON = (255, 0, 255)
@@ -35,7 +36,7 @@ def _is_marker(image: torch.Tensor, colour: tuple[int, int, int]) -> bool:
     return bool((image == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all())
 
 
-class FaultyEngine(TorchEngine):
+class FaultyEngine(Engine):
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         if any(_is_marker(image, POISON) for image in images):
             raise RuntimeError("injected fault")
@@ -46,6 +47,7 @@ class FaultyEngine(TorchEngine):
 
 def main() -> None:
     settings = settings_from_cli(sys.argv[1:])
+    configure_logging(settings.log_level)
     serve(create_app(settings, FaultyEngine(settings)), settings)
 
 

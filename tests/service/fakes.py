@@ -1,4 +1,5 @@
-"""A fake :class:`service.engine.Engine` and an in-process client for the app: no model, no sockets, no subprocess."""
+"""A fake :class:`service.engine.EngineProtocol` and an in-process client for the app: no model, no sockets, no
+subprocess."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ ROW = (INPUT_SIZE / 4, INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 0
 
 
 class FakeEngine:
-    """Honours :class:`service.engine.Engine`: every image gets :data:`ROW` (then zero rows). ``gate`` holds each
-    batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches`` records the
-    size of each batch run."""
+    """Honours :class:`service.engine.EngineProtocol`: every image gets :data:`ROW` (then zero rows). ``gate`` holds
+    each batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches`` records
+    the size of each batch run."""
 
     name = "fake"
     version = "0"
@@ -37,6 +38,7 @@ class FakeEngine:
     akconv_layers = 0
     parameters = 0
     metadata = ModelMetadata("fake", "0", {}, NAMES, INPUT_SIZE, "ij")
+    checksum = "not applicable"
 
     def __init__(self) -> None:
         self.gate = threading.Event()
