@@ -19,6 +19,7 @@ from service.__main__ import serve
 from service.app import create_app
 from service.config import settings_from_cli
 from service.engine import Engine
+from service.server import bind_listener
 from tests.image_files import encode
 
 POISON = (255, 0, 255)
@@ -46,7 +47,8 @@ class FaultyEngine(Engine):
 
 def main() -> None:
     settings = settings_from_cli(sys.argv[1:])
-    serve(create_app(settings, FaultyEngine(settings)), settings)
+    listener = bind_listener(settings.host, settings.port)
+    serve(create_app(settings, FaultyEngine(settings)), settings, listener)
 
 
 if __name__ == "__main__":
