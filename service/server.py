@@ -13,7 +13,8 @@ the log when file descriptors run out. :class:`GuardedH11Protocol` and :class:`S
   ``2 * max_connections`` client sockets (the second half lingering briefly to deliver their 503s);
 - framing and header errors h11 detects are answered in JSON like every other error (400 ``bad_request``, 431
   ``headers_too_large``, 501 ``not_implemented``) instead of uvicorn's plain text;
-- running out of file descriptors is logged as one line per minute, not once per failed ``accept()``.
+- running out of file descriptors is logged as one line per minute, not once per failed ``accept()``, and asyncio
+  retries accepting once a second instead of up to 2,048 times (:class:`ServiceEventLoop`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 import resource
 import socket
 import time
+from asyncio import constants, trsock
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -195,13 +197,70 @@ class GuardedH11Protocol(H11Protocol):
         self.linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
+class ServiceEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector event loop with CPython issue #151615 fixed (the service runs on Python 3.11).
+
+    When ``accept()`` fails for lack of file descriptors, 3.11 reports it, removes the listener and schedules a retry
+    in a second, then goes on calling ``accept()`` up to ``backlog`` (2,048) times, reporting and scheduling a retry
+    for each failure. The retries pile up (19,774 error lines were logged at the shutdown that followed three seconds
+    of EMFILE, each retry failing on the closed listener). Here the loop stops at the first resource error.
+    """
+
+    def _accept_connection(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        sock: socket.socket,
+        sslcontext: Any = None,
+        server: Any = None,
+        backlog: int = 100,
+        ssl_handshake_timeout: float = constants.SSL_HANDSHAKE_TIMEOUT,
+        ssl_shutdown_timeout: float = constants.SSL_SHUTDOWN_TIMEOUT,
+    ) -> None:
+        # Python 3.11's BaseSelectorEventLoop._accept_connection, with the ``return`` after a resource error.
+        for _ in range(backlog):
+            try:
+                conn, addr = sock.accept()
+                conn.setblocking(False)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the event loop logs and ignores it, as asyncio does
+                self.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": exc,
+                        "socket": trsock.TransportSocket(sock),
+                    }
+                )
+                self._remove_reader(sock.fileno())
+                self.call_later(
+                    constants.ACCEPT_RETRY_DELAY,
+                    self._start_serving,
+                    protocol_factory,
+                    sock,
+                    sslcontext,
+                    server,
+                    backlog,
+                    ssl_handshake_timeout,
+                    ssl_shutdown_timeout,
+                )
+                return
+            else:
+                accept = self._accept_connection2(
+                    protocol_factory, conn, {"peername": addr}, sslcontext, server, ssl_handshake_timeout,
+                    ssl_shutdown_timeout,
+                )  # fmt: skip
+                self.create_task(accept)
+
+
 class OutOfFilesLogger:
     """asyncio loop exception handler that turns asyncio's report of each failed ``accept()`` into one line per
     interval.
 
-    When the process runs out of file descriptors, CPython 3.11's accept loop reports EMFILE once per attempt, up to
-    ``backlog`` (2048) attempts per retry, each with a traceback: 716,688 lines in 45 s were measured (issue 17).
-    Every other exception context goes to asyncio's default handler.
+    When the process runs out of file descriptors, asyncio reports every failed ``accept()`` with a traceback (716,688
+    lines in 45 s were measured, issue 17); even with one retry a second that is a line a second. Every other
+    exception context goes to asyncio's default handler.
 
     Args:
         server_state: uvicorn's shared state, for the number of open connections.
@@ -276,7 +335,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http=functools.partial(GuardedH11Protocol, limits=limits),  # type: ignore[arg-type]
-        loop="asyncio",  # OutOfFilesLogger handles what asyncio's own accept loop reports
+        loop="service.server:ServiceEventLoop",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,

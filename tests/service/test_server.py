@@ -7,13 +7,20 @@ import asyncio
 import errno
 import json
 import logging
+import resource
+import socket
+import sys
+import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 
+from bench.processes import free_port, running_process
 from service.config import Settings
 from service.server import OutOfFilesLogger
 from tests.service.plain_server import plain_server
+from tests.service.server import REPO
 
 BOUND_S = 15  # no case waits longer than this for the server to act; they act within ~header_timeout_s
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -230,3 +237,42 @@ def test_other_loop_errors_keep_their_default_report():
     context = {"message": "Task exception was never retrieved", "exception": ValueError("boom")}
     handler(loop, context)
     assert loop.passed_on == [context]
+
+
+def lower_file_limit(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.e2e
+def test_running_out_of_file_descriptors_is_one_json_line(tmp_path):
+    """Issue 17's case scaled down: a process limited to 64 files, 120 idle connections (the cap set above the
+    limit, so that accept() fails). asyncio reports each failure; the log gets one line for the minute, and the
+    retries do not pile up (3.11's did: thousands of error lines at exit)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/healthz"
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-m", "tests.service.plain_server", "--port", str(port)]
+    command += ["--header-timeout-s", "60", "--max-connections", "1000"]
+    with running_process(command, log_path, url, 60, cwd=REPO, preexec_fn=lower_file_limit(64)):
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(120)]
+        lines_about_files = []
+        for _ in range(BOUND_S * 10):
+            lines_about_files = [line for line in log_path.read_text().splitlines() if "file descriptors" in line]
+            if lines_about_files:
+                break
+            time.sleep(0.1)
+        time.sleep(3)  # asyncio retries accept() every second: three more rounds of failures, no more lines
+        for connection in idle:
+            connection.close()
+        with httpx.Client(timeout=BOUND_S) as client:  # accepting again once connections are closed
+            statuses = [client.get(url).status_code for _ in range(3)]
+    lines = log_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    out_of_files = [record for record in records if "file descriptors" in record["message"]]
+    assert len(out_of_files) == 1 and out_of_files[0]["errno"] == "EMFILE"
+    assert not [record for record in records if record["logger"] == "asyncio"]  # no retry storm, not even at exit
+    assert out_of_files[0]["file_limit"] == 64
+    assert statuses == [200, 200, 200]
