@@ -20,7 +20,7 @@ from bench.processes import free_port, running_process
 from service.config import Settings
 from service.server import OutOfFilesLogger
 from tests.service.plain_server import plain_server
-from tests.service.server import REPO
+from tests.service.server import REPO, running_server
 
 BOUND_S = 15  # no case waits longer than this for the server to act; they act within ~header_timeout_s
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -276,3 +276,35 @@ def test_running_out_of_file_descriptors_is_one_json_line(tmp_path):
     assert not [record for record in records if record["logger"] == "asyncio"]  # no retry storm, not even at exit
     assert out_of_files[0]["file_limit"] == 64
     assert statuses == [200, 200, 200]
+
+
+@pytest.mark.e2e
+def test_the_service_closes_what_holds_it_and_answers_in_json(tmp_path):
+    """The real service (model and all) with a 2 s header timeout and room for 30 connections: idle and trickling
+    connections are closed, one beyond the cap is refused in JSON, a framing error is answered in JSON, and the
+    service still answers."""
+    flags = ("--header-timeout-s", "2", "--max-connections", "30")
+    with running_server(tmp_path, *flags) as server:
+        address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+
+        async def scenario():
+            silent = [await asyncio.open_connection(*address) for _ in range(21)]
+            trickling = [asyncio.create_task(trickle_headers(address)) for _ in range(9)]
+            await asyncio.sleep(0.2)  # the trickling connections are open: 30 held, then one more
+            beyond_cap = await asyncio.open_connection(*address)
+            refused = await read_until_closed(beyond_cap[0])
+            closed = await asyncio.gather(*(read_until_closed(reader) for reader, _ in silent))
+            answered = await asyncio.gather(*trickling)
+            garbage = await asyncio.open_connection(*address)
+            garbage[1].write(b"NOT HTTP\r\n\r\n")
+            framing = await read_until_closed(garbage[0])
+            for _, writer in [*silent, beyond_cap, garbage]:
+                writer.close()
+            return refused, closed, answered, framing, await get_ok(address)
+
+        refused, closed, answered, framing, status_after = asyncio.run(scenario())
+    assert parse_response(refused)[2]["error"]["code"] == "overloaded"
+    assert closed == [b""] * 21
+    assert [parse_response(answer)[2]["error"]["code"] for answer in answered] == ["header_timeout"] * 9
+    assert parse_response(framing)[:1] == (400,) and parse_response(framing)[2]["error"]["code"] == "bad_request"
+    assert status_after == 200
