@@ -20,7 +20,7 @@ from pydantic_settings import SettingsError
 from service.app import create_app
 from service.config import Settings, settings_from_cli
 from service.logs import configure_logging
-from service.server import ServiceServer, bind_listener, uvicorn_config
+from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
 
 BAD_SETTINGS = 2  # as argparse exits for a bad flag
 STARTUP_FAILURE = 3
@@ -42,6 +42,7 @@ def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
     """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) on ``listener`` (from
     :func:`service.server.bind_listener`) until a stop signal."""
     configure_logging(settings.log_level)
+    warn_if_files_may_run_out(settings.max_connections)
     server = draining_server(app, settings)
     server.run(sockets=[listener])
     if not server.started:

@@ -49,6 +49,8 @@ OVERLOADED_RETRY_AFTER_S = 1
 LINGER_S = 1.0
 # One line per minute says the process is out of file descriptors and how often accept() failed meanwhile.
 OUT_OF_FILES_LOG_INTERVAL_S = 60.0
+# The process's own files (10 measured on a ready replica) with room for spooled uploads and model files.
+FILES_BESIDES_CONNECTIONS = 64
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ERROR_CODES = {400: "bad_request", 431: "headers_too_large", 501: "not_implemented"}
 
@@ -323,6 +325,18 @@ class ServiceServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.on_stop_signal()
         super().handle_exit(sig, frame)
+
+
+def warn_if_files_may_run_out(max_connections: int) -> None:
+    """One warning line when ``max_connections`` could take the process past its file limit (``ulimit -n``)."""
+    needed = 2 * max_connections + FILES_BESIDES_CONNECTIONS
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed > soft_limit:
+        log.warning(
+            f"max_connections={max_connections} may need {needed} files, more than the file limit of {soft_limit}: "
+            "lower max_connections or raise the limit (ulimit -n)",
+            extra={"max_connections": max_connections, "file_limit": soft_limit},
+        )
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:

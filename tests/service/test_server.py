@@ -18,7 +18,7 @@ import pytest
 
 from bench.processes import free_port, running_process
 from service.config import Settings
-from service.server import OutOfFilesLogger
+from service.server import OutOfFilesLogger, warn_if_files_may_run_out
 from tests.service.plain_server import plain_server
 from tests.service.server import REPO, running_server
 
@@ -308,3 +308,12 @@ def test_the_service_closes_what_holds_it_and_answers_in_json(tmp_path):
     assert [parse_response(answer)[2]["error"]["code"] for answer in answered] == ["header_timeout"] * 9
     assert parse_response(framing)[:1] == (400,) and parse_response(framing)[2]["error"]["code"] == "bad_request"
     assert status_after == 200
+
+
+def test_a_cap_beyond_the_file_limit_is_warned_about(caplog):
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with caplog.at_level(logging.WARNING, logger="service.server"):
+        warn_if_files_may_run_out(1)
+        assert not caplog.records
+        warn_if_files_may_run_out(soft_limit)
+    assert len(caplog.records) == 1 and "ulimit -n" in caplog.records[0].getMessage()
