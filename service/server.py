@@ -53,6 +53,7 @@ OUT_OF_FILES_LOG_INTERVAL_S = 60.0
 FILES_BESIDES_CONNECTIONS = 64
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ERROR_CODES = {400: "bad_request", 431: "headers_too_large", 501: "not_implemented"}
+_ANSWERING = (h11.SEND_RESPONSE, h11.SEND_BODY)  # h11 states of a server with a request to answer
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,12 @@ class GuardedH11Protocol(H11Protocol):
         if self.linger_timer is not None:
             return  # answered already; what the client still sends is read only to be dropped
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the request line and headers are in (or the request failed)
+        if self.conn.our_state in _ANSWERING:  # a request head is in: the app's deadlines bound the rest
             self._stop_header_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may already start on a pipelined request
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+        if not self.transport.is_closing() and self.conn.our_state not in _ANSWERING:
             self._start_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -157,19 +158,19 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_timed_out(self) -> None:
         self.header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or self.conn.our_state in _ANSWERING:
             return
         received, _ = self.conn.trailing_data
-        if received:
+        if self.conn.their_state is h11.IDLE and received:
             self._answer_and_close(
                 408,
                 "header_timeout",
                 f"the request headers did not arrive within {self.limits.header_timeout_s:g} s",
             )
         else:
-            # Nothing of a request was sent: close silently, as when a keep-alive connection expires (an answer
-            # nobody asked for could be read as the answer to the client's next request).
-            self.conn.send(h11.ConnectionClosed())
+            # Nothing of a new request was sent (or only the rest of a body already answered, such as a 413's): close
+            # silently, as when a keep-alive connection expires (an answer nobody asked for could be read as the
+            # answer to the client's next request).
             self.transport.close()
 
     def _answer_and_close(

@@ -18,14 +18,16 @@ from service.server import ServiceServer, bind_listener, uvicorn_config
 
 
 async def hello_app(scope, receive, send) -> None:
-    """Answers every HTTP request 200 ``{"ok": true}`` once its body is read."""
+    """Answers every HTTP request 200 ``{"ok": true}`` once its body is read; ``/early`` answers without reading it
+    (as the service does with a body over its limit)."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    while (await receive()).get("more_body"):
-        pass
+    if scope["path"] != "/early":
+        while (await receive()).get("more_body"):
+            pass
     body = json.dumps({"ok": True}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})

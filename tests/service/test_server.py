@@ -116,6 +116,28 @@ def test_a_kept_alive_connection_that_starts_a_request_and_stalls_gets_408(guard
     assert (status, body["error"]["code"]) == (408, "header_timeout")
 
 
+def test_a_body_trickled_after_the_answer_does_not_hold_the_connection(guarded):
+    """The app answered before reading the body (as it does a 413); the client trickles the rest of the body.
+    Nothing else bounds the connection then: it is closed once the header timeout has passed since the answer."""
+
+    async def scenario():
+        reader, writer = await asyncio.open_connection(*guarded)
+        writer.write(b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), BOUND_S)
+        for _ in range(int(BOUND_S / 0.2)):
+            writer.write(b"x")
+            try:
+                rest = await asyncio.wait_for(reader.read(65536), 0.2)
+            except TimeoutError:
+                continue
+            writer.close()
+            return answer, rest
+        raise AssertionError(f"still open after {BOUND_S} s of trickling")
+
+    answer, rest = asyncio.run(scenario())
+    assert parse_response(answer)[0] == 200 and rest == b""
+
+
 def test_pipelined_requests_are_all_answered(guarded):
     async def scenario():
         reader, writer = await asyncio.open_connection(*guarded)
