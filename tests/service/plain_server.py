@@ -21,8 +21,9 @@ async def hello_app(scope, receive, send) -> None:
     """Answers every HTTP request 200 ``{"ok": true}`` once its body is read; ``/early`` answers without reading it
     (as the service does with a body over its limit)."""
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
         return
     if scope["path"] != "/early":

@@ -84,7 +84,7 @@ def test_a_port_in_use_is_found_before_the_app_is_built(taken_port, capsys, app_
 
 
 @pytest.mark.e2e
-def test_the_installed_entry_point_prints_only_that_line(taken_port):
+def test_the_process_prints_only_that_line(taken_port):
     """The real process: nothing but the one line reaches stderr, no log line, no traceback."""
     result = subprocess.run(
         [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(taken_port)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import json
 import logging
 import resource
@@ -18,7 +19,7 @@ import pytest
 
 from bench.processes import free_port, running_process
 from service.config import Settings
-from service.server import OutOfFilesLogger, warn_if_files_may_run_out
+from service.server import OutOfFilesLogger, ServiceEventLoop, warn_if_files_may_run_out
 from tests.service.plain_server import plain_server
 from tests.service.server import REPO, running_server
 
@@ -339,3 +340,10 @@ def test_a_cap_beyond_the_file_limit_is_warned_about(caplog):
         assert not caplog.records
         warn_if_files_may_run_out(soft_limit)
     assert len(caplog.records) == 1 and "ulimit -n" in caplog.records[0].getMessage()
+
+
+def test_the_accept_loop_override_matches_this_python():
+    """ServiceEventLoop replaces a private asyncio method of Python 3.11; another Python must fail here first."""
+    ours = inspect.signature(ServiceEventLoop._accept_connection)
+    asyncio_s = inspect.signature(asyncio.selector_events.BaseSelectorEventLoop._accept_connection)
+    assert list(ours.parameters) == list(asyncio_s.parameters)
