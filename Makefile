@@ -2,7 +2,7 @@
 PYTHON_BOOT ?= python3.11
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+INSTALLED := $(VENV)/.installed-dev
 
 .PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load load-trio soak evaluate clean
 
@@ -10,10 +10,11 @@ INSTALLED := $(VENV)/.installed
 # installed when missing (needs root).
 SYSTEM_TOOLS := nginx promtool prometheus docker-compose chromium
 
-$(INSTALLED): pyproject.toml
+# What a target needs: the server alone (make serve), or the server with training and the test tools.
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -e '.[$*]'
 	touch $@
 
 install: $(INSTALLED)
@@ -32,7 +33,7 @@ system-deps:
 			nginx prometheus docker-compose chromium; \
 	fi
 
-serve: $(INSTALLED)
+serve: $(VENV)/.installed-server
 	$(PYTHON) -m service
 
 test: $(INSTALLED) system-deps lint

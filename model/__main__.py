@@ -1,10 +1,17 @@
-"""``python -m model``: train, convert and evaluate YOLOv10-AKConv models."""
+"""``python -m model``: train, convert, inspect and evaluate YOLOv10-AKConv models.
+
+A model file that cannot be used ends the command with one line on stderr naming the file and what to do, and the
+exit status of its kind (see :class:`model.checkpoint.CheckpointError`: 4 not found, 5 damaged, 6 refused, 7 parts
+that disagree, 8 output exists).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -17,41 +24,73 @@ def _override(item: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none or its help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        no_default = action.default in (None, False, [], argparse.SUPPRESS)
+        if no_default or "default" in help_text or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)".strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a config on an ultralytics data set yaml and write a bundle")
+    train = commands.add_parser(
+        "train", formatter_class=_ShowDefaults, help="train a config on an ultralytics data set yaml and write a bundle"
+    )
     train.add_argument("--config", default="yolov10n-akconv", help="bundled config name or YAML path")
     train.add_argument("--data", required=True, help="ultralytics data set yaml")
     train.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    train.add_argument("--imgsz", type=int, default=640)
-    train.add_argument("--epochs", type=int, default=100)
-    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--imgsz", type=int, default=640, help="square training input side, pixels")
+    train.add_argument("--epochs", type=int, default=100, help="epochs to train (a --time budget may stop it sooner)")
+    train.add_argument("--batch", type=int, default=16, help="images per batch")
     train.add_argument("--device", default="cpu", help="cpu, 0, 0,1, ...")
-    train.add_argument("--workers", type=int, default=2)
-    train.add_argument("--indexing", choices=["ij", "xy"], default="ij")
-    train.add_argument("--project", type=Path, default=Path("runs/train"))
-    train.add_argument("--name", default="akconv")
-    train.add_argument("--resume", action="store_true", help="continue PROJECT/NAME/weights/last.pt")
+    train.add_argument("--workers", type=int, default=2, help="data loader processes")
+    train.add_argument("--indexing", choices=["ij", "xy"], default="ij", help="AKConv sampling geometry")
+    train.add_argument("--project", type=Path, default=Path("runs/train"), help="folder of ultralytics' runs")
+    train.add_argument("--run-name", default=None, help="run folder under PROJECT (default: the --out folder's name)")
+    train.add_argument("--name", default=None, help="model name in the bundle (default: the run name)")
+    train.add_argument("--version", default=None, help="model version in the bundle (default: today's date)")
+    train.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    train.add_argument("--resume", action="store_true", help="continue PROJECT/RUN_NAME/weights/last.pt")
     train.add_argument("--weights", type=Path, default=None, help="start from this bundle or .pt (fine-tuning)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic)")
     train.add_argument("--close-mosaic", type=int, default=10, help="epochs at the end without mosaic")
     train.add_argument("--cache", choices=["ram", "disk"], default=None, help="cache decoded images")
-    train.add_argument("--time", type=float, default=None, help="hours; fits the epochs to it (also on --resume)")
+    train.add_argument(
+        "--time", type=float, default=None,
+        help="hours: stop when the budget is spent; the learning-rate schedule is fitted to it, never past --epochs",
+    )  # fmt: skip
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", type=_override,
         help="any other ultralytics train setting, e.g. --set lr0=0.001 --set optimizer=AdamW (repeatable)",
     )  # fmt: skip
 
-    convert = commands.add_parser("convert", help="convert an ultralytics .pt into a bundle")
+    convert = commands.add_parser(
+        "convert", formatter_class=_ShowDefaults, help="convert an ultralytics .pt into a bundle"
+    )
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out_dir", type=Path)
     convert.add_argument("--fp32", action="store_true", help="keep float32 weights (default: fp16)")
+    convert.add_argument("--name", default=None, help="model name (default: the file's stem and architecture)")
+    convert.add_argument("--version", default=None, help="model version (default: the checkpoint's date)")
+    convert.add_argument("--force", action="store_true", help="replace an existing bundle at OUT_DIR")
 
-    evaluate = commands.add_parser("evaluate", help="mAP of a model on held-out synthetic seeds")
+    inspect = commands.add_parser(
+        "inspect", formatter_class=_ShowDefaults, help="what a bundle or .pt is, without serving it"
+    )
+    inspect.add_argument("model", type=Path, help="bundle directory or ultralytics .pt")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    evaluate = commands.add_parser(
+        "evaluate", formatter_class=_ShowDefaults, help="mAP of a model on held-out synthetic seeds"
+    )
     evaluate.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
-    evaluate.add_argument("--count", type=int, default=500)
+    evaluate.add_argument("--count", type=int, default=500, help="held-out images")
     evaluate.add_argument("--first-seed", type=int, default=None, help="default: the 'test' split")
     evaluate.add_argument(
         "--size", type=int, default=None,
@@ -59,6 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
 
     args = parser.parse_args(argv)
+    from model.checkpoint import CheckpointError
+
+    try:
+        run(args)
+    except CheckpointError as error:
+        print(f"python -m model {args.command}: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from model.train import train as run_training
 
@@ -73,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             indexing=args.indexing,
             project=args.project,
-            name=args.name,
+            run_name=args.run_name,
+            model_name=args.name,
+            version=args.version,
+            force=args.force,
             resume=args.resume,
             initial_weights=args.weights,
             seed=args.seed,
@@ -84,9 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"bundle written to {out}")
     elif args.command == "convert":
-        from model.checkpoint import import_checkpoint, save_bundle
+        from model.checkpoint import check_writable, import_checkpoint, save_bundle
 
-        loaded = import_checkpoint(args.checkpoint)
+        check_writable(args.out_dir, args.force)
+        loaded = import_checkpoint(args.checkpoint, name=args.name, version=args.version)
         meta = loaded.metadata
         save_bundle(
             loaded.model,
@@ -96,12 +149,26 @@ def main(argv: list[str] | None = None) -> None:
             input_size=meta.input_size,
             provenance=meta.provenance,
             half=not args.fp32,
+            force=args.force,
         )
-        print(f"bundle written to {args.out_dir}")
+        print(f"bundle {meta.name} {meta.version} written to {args.out_dir}")
+    elif args.command == "inspect":
+        from model.checkpoint import describe
+
+        description = describe(args.model)
+        print(json.dumps(description, indent=2) if args.json else _as_text(description))
     else:
         from model.evaluate import evaluate_synthetic
 
         print(json.dumps(evaluate_synthetic(args.model, args.count, args.first_seed, args.size), indent=2))
+
+
+def _as_text(description: dict[str, Any]) -> str:
+    """``inspect``'s report for people: one ``label: value`` line per field, provenance indented below."""
+    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in description.items() if key != "provenance"]
+    lines.append("provenance:")
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in description["provenance"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

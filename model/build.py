@@ -1,5 +1,8 @@
 """Build YOLOv10-AKConv models through ultralytics' own ``parse_model``, without patching ultralytics.
 
+Every config is checked first (:func:`model.config_check.check_config`): nothing in a config is evaluated, and
+ultralytics' own restricted parsing (no ``eval``, layers only) is switched on as a second line.
+
 ``parse_model`` resolves layer names in its own module and only scales the channels of layers it knows. So the
 config is parsed with each ``AKConv`` row replaced by a ``Conv`` placeholder of the same output channels and stride
 (ultralytics computes the scaled channels and strides as for any layer), then each placeholder is swapped for an
@@ -9,25 +12,28 @@ geometry under ``akconv_indexing``. Plain ultralytics models are untouched by an
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from torch import nn
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.nn.modules import Conv
+from ultralytics.nn.tasks import DetectionModel, _SafeLoad
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import initialize_weights
 
 from model.akconv import AKConv, Indexing
+from model.config_check import ACTIVATIONS, ConfigError, check_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 AKCONV_MODULE = "AKConv"
-
-
-class ConfigError(ValueError):
-    """A model config that cannot be built; the message says what to fix."""
+# Ultralytics keeps the default activation in a class attribute (process-wide); builds take turns setting it.
+_BUILD_LOCK = threading.Lock()
 
 
 def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +48,25 @@ def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"model config {str(config)!r} is neither a file nor a bundled config ({known})")
         path = bundled
     return yaml.safe_load(path.read_text())
+
+
+@contextlib.contextmanager
+def _restricted_build(activation: str | None) -> Iterator[None]:
+    """Build under ultralytics' restricted parsing, with the config's activation from :data:`ACTIVATIONS`.
+
+    ``parse_model`` evaluates a config's ``activation`` unless restricted; here the key never reaches it (the module
+    is set from the allow-list instead), and the restricted flag also limits layer names to ``nn.Module`` classes.
+    ``Conv.default_act`` is restored afterwards, so one build never changes the activation of the next.
+    """
+    with _BUILD_LOCK:
+        previous_act, previous_flag = Conv.default_act, getattr(_SafeLoad._local, "active", False)
+        if activation is not None:
+            Conv.default_act = ACTIVATIONS[activation]()
+        _SafeLoad._local.active = True
+        try:
+            yield
+        finally:
+            Conv.default_act, _SafeLoad._local.active = previous_act, previous_flag
 
 
 def _with_placeholders(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +108,11 @@ def build_model(
 
     Returns:
         The model in training mode, float32, on the CPU.
+
+    Raises:
+        ConfigError: the config fails :func:`model.config_check.check_config` or names an undefined scale.
     """
-    cfg = load_config(config)
+    cfg = check_config(load_config(config))
     scales = cfg.get("scales") or {}
     scale = scale or cfg.get("scale")
     if scales and scale not in scales:
@@ -95,7 +123,9 @@ def build_model(
         cfg["nc"] = nc
     cfg["akconv_indexing"] = indexing
 
-    model = DetectionModel(_with_placeholders(cfg), nc=cfg["nc"], verbose=verbose)
+    parsed = _with_placeholders({key: value for key, value in cfg.items() if key != "activation"})
+    with _restricted_build(cfg.get("activation")):
+        model = DetectionModel(parsed, nc=cfg["nc"], verbose=False)  # its summary would show the placeholders
     for i, args in _akconv_rows(cfg).items():
         placeholder = model.model[i]
         layer = AKConv(placeholder.conv.in_channels, placeholder.conv.out_channels, *args[1:], indexing=indexing)

@@ -4,7 +4,10 @@ Works on any ultralytics data set yaml, the user's own included. Ultralytics doe
 augmentation, the dual-assignment v10 loss, EMA, validation each epoch, ``last.pt``/``best.pt`` for resuming. The
 only change is where the model comes from: :func:`model.build.build_model` instead of ultralytics' parser alone.
 
-    python -m model train --config yolov10n-akconv --data data.yaml --imgsz 320 --epochs 40 --out model/weights/x
+    python -m model train --config yolov10n-akconv --data data.yaml --imgsz 320 --epochs 40 --out bundles/shapes
+
+The bundle is named after the run (``--name``, default: the output folder's name) and versioned by date, never
+after the bundled model; an existing bundle at ``--out`` is refused before training starts unless ``force``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 
 from model.akconv import Indexing
 from model.build import CONFIG_DIR, build_model
-from model.checkpoint import import_checkpoint, load, save_bundle
+from model.checkpoint import (
+    WEIGHTS_FILE,
+    check_writable,
+    file_sha256,
+    import_checkpoint,
+    load,
+    normalize_metrics,
+    project_version,
+    save_bundle,
+)
 
 
 class AKConvTrainer(DetectionTrainer):
@@ -29,6 +41,18 @@ class AKConvTrainer(DetectionTrainer):
 
     indexing: Indexing = "ij"
     initial_weights: Path | None = None  # a bundle or .pt whose matching tensors start a fresh run
+    epoch_cap: int | None = None  # with a time budget, ultralytics re-fits the epoch count to it: never above this
+
+    @property
+    def epochs(self) -> int:
+        return self._epochs
+
+    @epochs.setter
+    def epochs(self, value: int) -> None:
+        # Ultralytics' time mode sets ``self.epochs`` after each epoch from the budget and the mean epoch time, which
+        # can raise it far beyond what was asked for; a budget should only ever cut a run short.
+        self._epochs = min(value, self.epoch_cap) if self.epoch_cap else value
+        self.args.epochs = self._epochs
 
     def get_model(self, cfg: str | dict | None = None, weights: Any = None, verbose: bool = True):
         # Ultralytics' device selection leaves CPU training on cores - 1 threads (one thread on 2 cores).
@@ -56,7 +80,10 @@ def train(
     workers: int = 2,
     indexing: Indexing = "ij",
     project: Path = Path("runs/train"),
-    name: str = "akconv",
+    run_name: str | None = None,
+    model_name: str | None = None,
+    version: str | None = None,
+    force: bool = False,
     resume: bool = False,
     initial_weights: Path | None = None,
     seed: int = 0,
@@ -64,12 +91,18 @@ def train(
 ) -> Path:
     """Train, then write the bundle of the best epoch to ``out_dir``; returns ``out_dir``.
 
-    ``resume=True`` continues ``project/name/weights/last.pt``. ``initial_weights`` (a bundle or ``.pt``) starts
+    ``run_name`` (default: ``out_dir``'s name) names ultralytics' run folder under ``project``; ``model_name``
+    (default: the run name) and ``version`` (default: today) name the bundle. ``out_dir`` is checked before training:
+    an existing bundle there is replaced only with ``force``.
+
+    ``resume=True`` continues ``project/run_name/weights/last.pt``. ``initial_weights`` (a bundle or ``.pt``) starts
     a new run from a trained model, e.g. to fine-tune the bundled model on your data. ``overrides`` go to
     ultralytics as they are (``lr0``, ``mosaic``, ``close_mosaic``, ``time``, ...).
     """
+    check_writable(Path(out_dir), force)
     config_path = Path(config) if Path(config).exists() else CONFIG_DIR / f"{config}.yaml"
-    run_dir = Path(project).resolve() / name
+    run_name = run_name or Path(out_dir).resolve().name
+    run_dir = Path(project).resolve() / run_name
     args = {
         "model": str(run_dir / "weights" / "last.pt") if resume else str(config_path),
         "data": str(data),
@@ -79,7 +112,7 @@ def train(
         "device": device,
         "workers": workers,
         "project": str(Path(project).resolve()),
-        "name": name,
+        "name": run_name,
         "exist_ok": True,
         "resume": str(run_dir / "weights" / "last.pt") if resume else False,
         "seed": seed,
@@ -93,32 +126,45 @@ def train(
     trainer = AKConvTrainer(overrides=args)
     trainer.indexing = indexing
     trainer.initial_weights = initial_weights
+    trainer.epoch_cap = None if resume else epochs  # a resumed run keeps its checkpoint's epoch count
     trainer.train()
     minutes = (time.monotonic() - started) / 60
 
     best = Path(trainer.best if Path(trainer.best).exists() else trainer.last)
     data_cfg = yaml.safe_load(Path(data).read_text())
     provenance = {
-        "trained": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": config_path.name,
-        "data": {k: data_cfg.get(k) for k in ("path", "train", "val", "names")},
+        "source": {"config": config_path.name, "initial_weights": _described(initial_weights)},
+        "data": str(data),
         "epochs": trainer.epoch + 1,
-        "imgsz": imgsz,
-        "batch": batch,
-        "device": device,
-        "seed": seed,
-        "train_minutes_last_run": round(minutes, 1),
-        "initial_weights": str(initial_weights) if initial_weights else None,
-        "overrides": overrides,
-        "val_metrics": {k: round(float(v), 4) for k, v in (trainer.metrics or {}).items()},
+        "val_metrics": normalize_metrics(trainer.metrics),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "project_version": project_version(),
+        "training": {
+            "data": {k: data_cfg.get(k) for k in ("path", "train", "val", "names")},
+            "imgsz": imgsz,
+            "batch": batch,
+            "device": device,
+            "seed": seed,
+            "train_minutes_last_run": round(minutes, 1),
+            "overrides": overrides,
+        },
     }
     loaded = import_checkpoint(best)
     save_bundle(
         loaded.model,
         out_dir,
-        name=config_path.stem,
-        version=dt.date.today().isoformat(),
+        name=model_name or run_name,
+        version=version or dt.date.today().isoformat(),
         input_size=imgsz,
         provenance=provenance,
+        force=force,
     )
     return out_dir
+
+
+def _described(weights: Path | None) -> dict[str, str] | None:
+    """A starting bundle or ``.pt`` as provenance: its path and the sha256 of its weights file."""
+    if weights is None:
+        return None
+    weights = Path(weights)
+    return {"file": str(weights), "sha256": file_sha256(weights / WEIGHTS_FILE if weights.is_dir() else weights)}

@@ -4,11 +4,13 @@ Scale out with replicas, not ``--workers`` (each worker would hold its own model
 readiness drops to 503 at once, new requests are refused, everything accepted is answered, then the process exits.
 
 Start-up fails closed, with one plain line on stderr naming what to fix: exit 2 for a bad setting, exit 3 when the
-address cannot be bound (checked before the model loads) or the app fails to start.
+address cannot be bound (checked before the model loads) or the app fails to start, and a model file that cannot be
+used exits with its kind's status (``model/README.md``).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from typing import NoReturn
@@ -17,10 +19,14 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from model.checkpoint import CheckpointError
 from service.app import create_app
 from service.config import Settings, settings_from_cli
+from service.engine import Engine
 from service.logs import configure_logging
 from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
+
+log = logging.getLogger(__name__)
 
 BAD_SETTINGS = 2  # as argparse exits for a bad flag
 STARTUP_FAILURE = 3
@@ -35,13 +41,24 @@ def main(argv: list[str] | None = None) -> None:
         listener = bind_listener(settings.host, settings.port)
     except OSError as error:
         fail(STARTUP_FAILURE, f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
-    serve(create_app(settings), settings, listener)
+    configure_logging(settings.log_level)
+    serve(create_app(settings, load_engine(settings)), settings, listener)
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The model on its device, before the server starts. A model file that cannot be used ends the process with
+    one plain line on stderr and its kind's exit status (``model/README.md``); the traceback only at debug level."""
+    try:
+        return Engine(settings)
+    except CheckpointError as error:
+        log.debug("the model could not be loaded", exc_info=True)
+        print(f"akconv-serve: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)
 
 
 def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
     """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) on ``listener`` (from
-    :func:`service.server.bind_listener`) until a stop signal."""
-    configure_logging(settings.log_level)
+    :func:`service.server.bind_listener`) until a stop signal; logging is configured already."""
     warn_if_files_may_run_out(settings.max_connections)
     server = draining_server(app, settings)
     server.run(sockets=[listener])

@@ -9,7 +9,9 @@
 
 Retries: a 503 (queue full, not ready) is retried after the server's ``Retry-After`` (or an exponential backoff
 when it sends none), and so is a connection that could not be made; at most ``retries`` times. Any other error
-raises :class:`DetectorError` carrying the server's status and error code. Timeouts are per request (seconds).
+raises :class:`DetectorError` carrying the server's status and error code; a server that cannot be reached (after
+the retries) or does not answer in time raises it with status 0 and code ``unreachable`` or ``timeout``.
+Timeouts are per request (seconds).
 
 ``detect_batch`` answers one item per image, in order: its :class:`DetectResponse`, or, for an image the server
 could not use (not an image, undecodable, too many pixels), a :class:`DetectorError` in its place, returned rather
@@ -34,7 +36,8 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class DetectorError(Exception):
-    """An answer other than success. ``code`` is the server's error code (``queue_full``, ``bad_request``...)."""
+    """An answer other than success. ``code`` is the server's error code (``queue_full``, ``bad_request``...), or
+    ``unreachable`` / ``timeout`` with status 0 when no answer came."""
 
     def __init__(self, status: int, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
@@ -59,6 +62,11 @@ def _query(
     if classes is not None:
         query["classes"] = ",".join(str(c) for c in classes)
     return query
+
+
+def _no_answer(url: str, error: httpx.TransportError) -> DetectorError:
+    code = "timeout" if isinstance(error, httpx.TimeoutException) else "unreachable"
+    return DetectorError(0, code, f"no answer from {url}: {error or type(error).__name__}")
 
 
 def _error(response: httpx.Response) -> DetectorError:
@@ -170,9 +178,11 @@ class DetectorClient(_Base):
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
                 if (delay := self.policy.delay(attempt, None)) is None:
-                    raise
+                    raise _no_answer(self.url, error) from error
+            except httpx.TransportError as error:  # a timeout: the server may be working on it, not retried
+                raise _no_answer(self.url, error) from error
             else:
                 if response.is_success or (delay := self.policy.delay(attempt, response)) is None:
                     return response
@@ -214,9 +224,11 @@ class AsyncDetectorClient(_Base):
         while True:
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
                 if (delay := self.policy.delay(attempt, None)) is None:
-                    raise
+                    raise _no_answer(self.url, error) from error
+            except httpx.TransportError as error:  # a timeout: the server may be working on it, not retried
+                raise _no_answer(self.url, error) from error
             else:
                 if response.is_success or (delay := self.policy.delay(attempt, response)) is None:
                     return response

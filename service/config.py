@@ -73,13 +73,6 @@ class Settings(BaseSettings):
             raise ValueError(f"input_size must be a multiple of 32 (the model's largest stride), got {value}")
         return value
 
-    @field_validator("model_path")
-    @classmethod
-    def _model_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.exists():
-            raise ValueError(f"model_path {value} does not exist; set DETECTOR_MODEL_PATH or --model-path")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_queue < self.max_batch_size:

@@ -41,10 +41,12 @@ class Engine:
     """Loads the model (``model.load``), fuses it, and moves it to the device (channels-last, fp16 on CUDA)."""
 
     def __init__(self, settings: Settings) -> None:
+        """Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used."""
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
         loaded = load(settings.model_path)
         self.metadata = loaded.metadata
+        self.checksum = loaded.checksum  # "verified", "not recorded" (format 1 bundle) or "not applicable" (.pt)
         self.names = list(loaded.metadata.names)
         self.device = resolve_device(settings.device)
         half = settings.half if settings.half is not None else self.device.type == "cuda"

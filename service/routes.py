@@ -299,6 +299,9 @@ async def model_info(state: ReadyDep) -> ModelInfo:
         akconv_layers=engine.akconv_layers,
         akconv_indexing=engine.metadata.akconv_indexing,
         parameters=engine.parameters,
+        weights_sha256=engine.metadata.weights_sha256 or engine.metadata.provenance.get("source", {}).get("sha256"),
+        checksum=engine.checksum,
+        provenance=engine.metadata.provenance,
     )
 
 

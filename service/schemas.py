@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -97,6 +99,12 @@ class ModelInfo(BaseModel):
     akconv_layers: int
     akconv_indexing: str
     parameters: int
+    weights_sha256: str | None = Field(description="sha256 of the bundle's weights file, or of the .pt")
+    checksum: str = Field(description="verified, not recorded (format 1 bundle) or not applicable (.pt)")
+    provenance: dict[str, Any] = Field(
+        description="source (file and sha256, or config and starting weights), data, epochs, val_metrics, date, "
+        "project_version, training details"
+    )
 
 
 class Health(BaseModel):

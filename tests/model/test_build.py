@@ -82,3 +82,10 @@ def test_fused_one_to_one_head_equals_the_unfused_one_to_one_head():
 
 def test_akconv_is_a_model_module():
     assert issubclass(AKConv, torch.nn.Module)
+
+
+def test_the_verbose_build_prints_one_summary_with_the_akconv_rows(capfd):
+    build_model("yolov10n-akconv", verbose=True)
+    printed = "".join(capfd.readouterr())
+    assert printed.count("summary") == 1
+    assert printed.count("model.akconv.AKConv") == 2, "the layer table shows the real layers, not placeholders"

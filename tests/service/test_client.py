@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.processes import free_port
 from model.synthetic import SPLITS, render
 from service.client import AsyncDetectorClient, DetectorClient, DetectorError, _Policy
 from service.schemas import DetectResponse
@@ -65,26 +67,33 @@ class TestAgainstAServer:
         assert all(r.detections for r in results) and drawn[:2] == b"\xff\xd8"
 
     def test_cli_table_json_and_annotated_files(self, server, tmp_path):
-        paths = []
-        for i in range(3):
-            paths.append(tmp_path / f"img{i}.png")
-            paths[-1].write_bytes(encode(render(SPLITS["test"] + i, 320)[0]))
-        command = [sys.executable, "-m", "service.cli", "--url", server.url, "--api-key", "k", "--conf", "0"]
-        table = subprocess.run([*command, "--max-det", "2", *map(str, paths)], capture_output=True, text=True, cwd=REPO)
+        for folder, seed in (("a", 0), ("b", 1), ("a", 2)):
+            path = tmp_path / folder / ("img.png" if seed < 2 else "other.png")
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(encode(render(SPLITS["test"] + seed, 320)[0]))
+        inputs = ["a/img.png", "b/img.png", "a/other.png"]  # the same name in two folders
+        command = [sys.executable, "-m", "service.cli", "--url", server.url, "--conf", "0"]
+        env = {**os.environ, "DETECTOR_API_KEY": "k"}
+
+        def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run([*command, *args], capture_output=True, cwd=tmp_path, env=env, input=stdin)
+
+        table = cli("--max-det", "2", *inputs)
         assert table.returncode == 0, table.stderr
-        lines = table.stdout.strip().splitlines()
+        lines = table.stdout.decode().strip().splitlines()
         assert lines[0].split() == ["image", "class", "conf", "x1", "y1", "x2", "y2"] and len(lines) == 1 + 3 * 2
-        out_dir = tmp_path / "annotated"
-        as_json = subprocess.run(
-            [*command, "--json", "--save-annotated", str(out_dir), *map(str, paths)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
+        for _ in range(2):  # the second run must keep the first run's files and the inputs
+            as_json = cli("--json", "--save-annotated", "a", *inputs)
+            assert as_json.returncode == 0, as_json.stderr
         records = [json.loads(line) for line in as_json.stdout.splitlines()]
-        assert [r["file"] for r in records] == [str(p) for p in paths]
-        assert sorted(p.name for p in out_dir.iterdir()) == ["img0.jpg", "img1.jpg", "img2.jpg"]
-        assert "100%" in as_json.stderr, "a progress bar for several images"
+        assert [r["file"] for r in records] == inputs
+        written = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.annotated*.jpg"))
+        expected = [f"{at}.annotated{suffix}.jpg" for at in ("a/img", "a/other", "b/img") for suffix in ("", "-1")]
+        assert written == sorted(expected)
+        assert Image.open(tmp_path / "a" / "img.png").format == "PNG", "the input itself is untouched"
+        assert "100%" in as_json.stderr.decode(), "a progress bar for several images"
+        piped = cli("--json", "-", stdin=(tmp_path / "a" / "img.png").read_bytes())
+        assert piped.returncode == 0 and json.loads(piped.stdout)["detections"], piped.stderr
 
     def test_cli_reports_failures_with_status_1(self, server, tmp_path):
         bad = tmp_path / "bad.png"
@@ -96,6 +105,20 @@ class TestAgainstAServer:
             cwd=REPO,
         )
         assert result.returncode == 1 and "unsupported_media_type" in result.stdout
+
+
+def test_an_unreachable_server_is_one_line_and_exit_2_in_the_cli_and_a_detector_error_in_the_client(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    with DetectorClient(url, retries=1, backoff=0.01) as client, pytest.raises(DetectorError) as error:
+        client.detect(b"image")
+    assert (error.value.status, error.value.code) == (0, "unreachable")
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(SAMPLE))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--url", url, str(image)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and url in result.stderr and "Traceback" not in result.stderr
 
 
 def response(status: int, retry_after: str | None = None) -> httpx.Response:

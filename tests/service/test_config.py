@@ -27,7 +27,6 @@ def test_cli_flags_override_the_environment(monkeypatch):
     [
         ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
         ({"input_size": 300}, "multiple of 32"),
-        ({"model_path": "/no/such/model"}, "does not exist"),
         ({"max_batch_size": 16, "max_queue": 8}, "must be >= max_batch_size"),
         ({"default_conf": 1.5}, "less than or equal to 1"),
     ],

@@ -219,6 +219,8 @@ def test_info_endpoints(server):
     assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
     info = httpx.get(server.url + "/v1/model").json()
     assert info["classes"] == ["triangle", "star"] and info["akconv_layers"] == 2 and info["device"] == "cpu"
+    assert (info["name"], info["checksum"], len(info["weights_sha256"])) == ("yolov10n-akconv", "verified", 64)
+    assert info["provenance"]["val_metrics"]["mAP50"] > 0.9 and info["provenance"]["project_version"]
     config = httpx.get(server.url + "/v1/config").json()
     assert config["max_batch_size"] == 8 and config["api_key"] is None
     assert httpx.get(server.url + "/nothing").json()["error"]["code"] == "not_found"
@@ -233,7 +235,7 @@ def test_metrics_names_and_labels(server):
     assert 'detector_requests_total{endpoint="/detect",status="200"}' in text
     assert 'detector_rejected_total{reason="queue_full"}' in text
     assert "detector_ready 1.0" in text
-    assert re.search(r'detector_model_info\{.*device="cpu".*\} 1.0', text)
+    assert re.search(r'detector_model_info\{.*device="cpu".*name="yolov10n-akconv".*version="2026-11-28"\} 1.0', text)
     assert 'detector_batch_size_bucket{le="64.0"}' in text
 
 

@@ -32,13 +32,13 @@ def test_help_lists_the_flags(capsys):
 
 
 @pytest.fixture
-def app_never_built(monkeypatch):
-    """Fails the test if ``main`` gets as far as building the app (and so loading the model)."""
+def model_never_loaded(monkeypatch):
+    """Fails the test if ``main`` gets as far as loading the model."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the app was built")
+        raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(entry, "create_app", refuse)
+    monkeypatch.setattr(entry, "load_engine", refuse)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def app_never_built(monkeypatch):
         (["--max-queue", "2", "--max-batch-size", "4"], "max_queue (2) must be >= max_batch_size (4)"),
     ],
 )
-def test_a_bad_setting_is_one_plain_line_and_exit_2(argv, named, capsys, app_never_built):
+def test_a_bad_setting_is_one_plain_line_and_exit_2(argv, named, capsys, model_never_loaded):
     with pytest.raises(SystemExit) as exit_info:
         entry.main(argv)
     assert exit_info.value.code == entry.BAD_SETTINGS
@@ -58,7 +58,7 @@ def test_a_bad_setting_is_one_plain_line_and_exit_2(argv, named, capsys, app_nev
     assert err.count("\n") == 1 and err.startswith("akconv-serve: bad setting: ") and named in err
 
 
-def test_a_malformed_environment_value_is_one_plain_line(capsys, monkeypatch, app_never_built):
+def test_a_malformed_environment_value_is_one_plain_line(capsys, monkeypatch, model_never_loaded):
     monkeypatch.setenv("DETECTOR_CORS_ORIGINS", "not a JSON list")
     with pytest.raises(SystemExit) as exit_info:
         entry.main([])
@@ -75,7 +75,7 @@ def taken_port():
         yield holder.getsockname()[1]
 
 
-def test_a_port_in_use_is_found_before_the_app_is_built(taken_port, capsys, app_never_built):
+def test_a_port_in_use_is_found_before_the_model_loads(taken_port, capsys, model_never_loaded):
     with pytest.raises(SystemExit) as exit_info:
         entry.main(["--host", "127.0.0.1", "--port", str(taken_port)])
     assert exit_info.value.code == entry.STARTUP_FAILURE
