@@ -52,8 +52,7 @@ def load_engine(settings: Settings) -> Engine:
         return Engine(settings)
     except CheckpointError as error:
         log.debug("the model could not be loaded", exc_info=True)
-        print(f"akconv-serve: {error}", file=sys.stderr)
-        sys.exit(error.exit_status)
+        fail(error.exit_status, str(error))
 
 
 def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
@@ -94,7 +93,7 @@ def describe_settings_error(error: ValidationError | SettingsError) -> str:
 
 
 def fail(exit_code: int, message: str) -> NoReturn:
-    """Print ``message`` as one plain line on stderr (logging is not set up yet) and exit with ``exit_code``."""
+    """Print ``message`` as one plain line on stderr (not a JSON log line: read by a person) and exit."""
     print(f"akconv-serve: {message}", file=sys.stderr)
     sys.exit(exit_code)
 
