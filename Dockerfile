@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 # A regular (non-editable) install of the server: the packages, their configs and the bundled weights land in the venv.
-RUN pip install --no-cache-dir '.[server]'
+RUN pip install --no-cache-dir './[server]'
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin detector

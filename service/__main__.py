@@ -2,53 +2,47 @@
 
 Scale out with replicas, not ``--workers`` (each worker would hold its own model copy and queue). On SIGTERM
 readiness drops to 503 at once, new requests are refused, everything accepted is answered, then the process exits.
+
+Start-up fails closed, with one plain line on stderr naming what to fix: exit 2 for a bad setting, exit 3 when the
+address cannot be bound (checked before the model loads) or the app fails to start, and a model file that cannot be
+used exits with its kind's status (``model/README.md``).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+from typing import NoReturn
 
-import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from model.checkpoint import CheckpointError
 from service.app import create_app
 from service.config import Settings, settings_from_cli
 from service.engine import Engine
 from service.logs import configure_logging
+from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
 
 log = logging.getLogger(__name__)
 
+BAD_SETTINGS = 2  # as argparse exits for a bad flag
 STARTUP_FAILURE = 3
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, flipping the app to draining the moment a stop signal arrives."""
-
-    def handle_exit(self, sig: int, frame) -> None:
-        state = self.config.app.state.service
-        state.draining = True
-        state.set_ready(False)
-        super().handle_exit(sig, frame)
-
-
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) until a stop signal."""
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        http="h11",  # uvicorn offers a header limit (for headers arriving in pieces) only for h11
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
-    server = DrainingServer(config)
-    server.run()
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = settings_from_cli(sys.argv[1:] if argv is None else argv)
+    except (ValidationError, SettingsError) as error:
+        fail(BAD_SETTINGS, describe_settings_error(error))
+    try:
+        listener = bind_listener(settings.host, settings.port)
+    except OSError as error:
+        fail(STARTUP_FAILURE, f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
+    configure_logging(settings.log_level)
+    serve(create_app(settings, load_engine(settings)), settings, listener)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -58,14 +52,50 @@ def load_engine(settings: Settings) -> Engine:
         return Engine(settings)
     except CheckpointError as error:
         log.debug("the model could not be loaded", exc_info=True)
-        print(f"akconv-serve: {error}", file=sys.stderr)
-        sys.exit(error.exit_status)
+        fail(error.exit_status, str(error))
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_cli(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings.log_level)
-    serve(create_app(settings, load_engine(settings)), settings)
+def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
+    """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) on ``listener`` (from
+    :func:`service.server.bind_listener`) until a stop signal; logging is configured already."""
+    warn_if_files_may_run_out(settings.max_connections)
+    server = draining_server(app, settings)
+    server.run(sockets=[listener])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def draining_server(app: FastAPI, settings: Settings) -> ServiceServer:
+    """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives."""
+    state = app.state.service
+
+    def drop_readiness() -> None:
+        state.draining = True
+        state.set_ready(False)
+
+    return ServiceServer(uvicorn_config(app, settings), on_stop_signal=drop_readiness)
+
+
+def describe_settings_error(error: ValidationError | SettingsError) -> str:
+    """One line naming each bad setting with its flag and environment variable, and what is wrong with it."""
+    if isinstance(error, SettingsError):
+        return f"bad setting: {error}"
+    problems = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            name = str(problem["loc"][0])
+            flag, variable = "--" + name.replace("_", "-"), "DETECTOR_" + name.upper()
+            problems.append(f"{name} ({flag}, {variable}): {message}")
+        else:
+            problems.append(message)
+    return "bad setting: " + "; ".join(problems)
+
+
+def fail(exit_code: int, message: str) -> NoReturn:
+    """Print ``message`` as one plain line on stderr (not a JSON log line: read by a person) and exit."""
+    print(f"akconv-serve: {message}", file=sys.stderr)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

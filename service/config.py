@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request headers (431 beyond)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this, from connecting or the last response"
+    )
+    # With refusals lingering (service/server.py) a replica holds up to 2 * 400 client sockets: room under the
+    # 1,024 file limit common in containers for its own ~10 files, uploads spooled to disk and the model's files.
+    max_connections: int = Field(400, ge=1, description="open connections; the next one gets 503 and is closed")
     api_key: SecretStr | None = Field(None, description="when set, requests need X-API-Key or a Bearer token")
     metrics_require_key: bool = Field(False, description="put /metrics behind the API key too; probes stay open")
     cors_origins: list[str] = Field([], description="origins browsers may call the API from; empty: CORS off")

@@ -1,16 +1,33 @@
-"""Structured logs: one JSON object per line, with the request id wherever there is one."""
+"""Structured logs: one JSON object per line, with the request id wherever there is one.
+
+Every line the process writes to stderr is JSON: our records, uvicorn's and asyncio's, Python warnings (PIL's
+``DecompressionBombWarning`` and EXIF warnings among them), and what C libraries print on file descriptor 2 (libtiff's
+warnings and errors, for one), which :func:`configure_logging` turns into records of the ``stderr`` logger.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
+import threading
 import time
+from typing import TextIO
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+# A C library writes to the pipe while it may hold the GIL that the forwarding thread needs to empty it: room for
+# 1 MiB of such output (the largest pipe an unprivileged process may ask for by default) instead of Linux's 64 KiB.
+_PIPE_BYTES = 1024 * 1024
+_DRAIN_AT_EXIT_S = 5.0
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the record's extra fields, any exception."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -25,7 +42,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """JSON lines on stderr at ``level`` for the whole process (call it once, from an entry point: it takes over
+    file descriptor 2)."""
+    handler = logging.StreamHandler(_log_native_stderr())
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -33,3 +52,39 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)
+
+
+def _log_native_stderr() -> TextIO:
+    """Make file descriptor 2 a pipe whose lines a thread logs as ``stderr`` records; returns the real stderr, for
+    the JSON lines themselves.
+
+    ``sys.stderr`` is pointed at the real stderr too: Python's own plain writes (the traceback of a crash) go out
+    directly and cannot be lost with the forwarding thread.
+    """
+    real_stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # keep the default size where the system allows no more
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = real_stderr
+    forwarder = threading.Thread(target=_forward_lines, args=(read_end,), name="stderr-to-log", daemon=True)
+    forwarder.start()
+    atexit.register(_drain, real_stderr, forwarder)
+    return real_stderr
+
+
+def _forward_lines(read_end: int) -> None:
+    native = logging.getLogger("stderr")
+    with os.fdopen(read_end, "rb") as pipe:
+        for line in pipe:
+            text = line.decode("utf-8", "backslashreplace").rstrip()
+            if text:
+                native.warning(text)
+
+
+def _drain(real_stderr: TextIO, forwarder: threading.Thread) -> None:
+    """At exit: give file descriptor 2 back to the real stderr, which closes the pipe; log what was still in it."""
+    os.dup2(real_stderr.fileno(), 2)
+    forwarder.join(_DRAIN_AT_EXIT_S)

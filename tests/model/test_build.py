@@ -1,6 +1,9 @@
+import logging
+
 import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import LOGGER
 
 from model.akconv import AKConv
 from model.build import ConfigError, akconv_layers, build_model, fuse_for_inference
@@ -84,8 +87,15 @@ def test_akconv_is_a_model_module():
     assert issubclass(AKConv, torch.nn.Module)
 
 
-def test_the_verbose_build_prints_one_summary_with_the_akconv_rows(capfd):
-    build_model("yolov10n-akconv", verbose=True)
-    printed = "".join(capfd.readouterr())
+def test_the_verbose_build_prints_one_summary_with_the_akconv_rows():
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        build_model("yolov10n-akconv", verbose=True)
+    finally:
+        LOGGER.removeHandler(handler)
+    printed = "\n".join(lines)
     assert printed.count("summary") == 1
     assert printed.count("model.akconv.AKConv") == 2, "the layer table shows the real layers, not placeholders"

@@ -20,6 +20,7 @@ from service.app import create_app
 from service.config import settings_from_cli
 from service.engine import Engine
 from service.logs import configure_logging
+from service.server import bind_listener
 from tests.image_files import encode
 
 POISON = (255, 0, 255)
@@ -47,8 +48,9 @@ class FaultyEngine(Engine):
 
 def main() -> None:
     settings = settings_from_cli(sys.argv[1:])
+    listener = bind_listener(settings.host, settings.port)
     configure_logging(settings.log_level)
-    serve(create_app(settings, FaultyEngine(settings)), settings)
+    serve(create_app(settings, FaultyEngine(settings)), settings, listener)
 
 
 if __name__ == "__main__":

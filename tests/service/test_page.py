@@ -100,3 +100,56 @@ def test_page_needs_nothing_from_outside(server):
     html = httpx.get(server.url + "/").text
     assert "http://" not in html.replace("http://127.0.0.1", "") and "https://" not in html
     assert "<script src" not in html and "<link" not in html
+
+
+def detect_on_page(page, image: Path, conf: str = "0.25") -> None:
+    page.set_input_files("#file", str(image))
+    page.fill("#conf", conf)
+    page.dispatch_event("#conf", "input")
+    page.click("#detect")
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+
+def test_the_page_names_the_model_and_its_classes(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    assert "triangle, star" in page.inner_text("#model")
+    page.close()
+
+
+def test_the_slider_refilters_without_a_new_request(server, browser, tmp_path):
+    image = sample(tmp_path)
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    detect_on_page(page, image, "0.05")
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    for conf in (0.5, 0.05):
+        page.fill("#conf", str(conf))
+        page.dispatch_event("#conf", "input")
+        expected = httpx.post(server.url + "/detect", params={"conf": conf}, files={"file": image.read_bytes()})
+        assert page.locator("#detections tbody tr").count() == len(expected.json()["detections"])
+    assert requests == [], "filtering happens in the page"
+    page.close()
+
+
+def test_a_new_file_or_an_error_clears_the_old_results(server, browser, tmp_path):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    detect_on_page(page, sample(tmp_path))
+    assert page.locator("#detections tbody tr").count() > 0
+    other = tmp_path / "other.png"
+    Image.new("RGB", (200, 100), (30, 60, 90)).save(other)
+    page.set_input_files("#file", str(other))
+    page.wait_for_function("document.getElementById('canvas').width === 200")
+    assert page.locator("#detections tbody tr").count() == 0 and page.inner_text("#status") == ""
+    assert page.eval_on_selector("#canvas", "c => JSON.parse(c.dataset.boxes)") == []
+    detect_on_page(page, sample(tmp_path))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    page.set_input_files("#file", str(bad))
+    page.click("#detect")
+    page.wait_for_selector("body[data-state=error]", timeout=60_000)
+    assert page.locator("#detections tbody tr").count() == 0 and page.locator("#timings dt").count() == 0
+    page.close()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bench.processes import free_port
 from model.checkpoint import DEFAULT_BUNDLE, METADATA_FILE, WEIGHTS_FILE
 from service.__main__ import load_engine
 from service.config import Settings
@@ -62,7 +63,7 @@ def test_each_unusable_model_stops_the_start_with_one_line_and_its_status(tmp_pa
 def test_the_server_process_prints_the_line_without_a_traceback(tmp_path):
     path, status, words = damaged_bundles(tmp_path)["code in the config"]
     started = subprocess.run(
-        [sys.executable, "-m", "service", "--model-path", str(path), "--port", "1"],
+        [sys.executable, "-m", "service", "--model-path", str(path), "--port", str(free_port())],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert started.returncode == status
