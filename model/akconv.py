@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -84,10 +85,79 @@ def base_grid(
     return torch.cat([rows, cols], dim=1).to(device=device, dtype=dtype)
 
 
-def _border_weight(coord: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-axis factor of the seed's bilinear rule: 2 where ``coord`` is outside ``[0, size - 1)``, else 1."""
-    outside = (coord < 0) | (coord >= size - 1)
-    return 1 + outside.to(coord.dtype)
+@functools.lru_cache(maxsize=64)
+def sample_grid(
+    num_param: int, stride: int, height: int, width: int, indexing: Indexing, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``base_grid`` laid out for the inference path, cached per shape.
+
+    Returns:
+        Tensor of shape (2, 1, height, width, N): rows, then columns, each in the (B, H', W', N) order of the samples.
+    """
+    grid = base_grid.__wrapped__(num_param, stride, height, width, indexing, device, dtype)  # (1, 2N, H', W')
+    return grid.view(2, num_param, 1, height, width).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def _cached(grid_function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``grid_function``, uncached while tracing (torch.compile, ONNX export): a cached traced tensor would leak out."""
+    return grid_function.__wrapped__ if torch.compiler.is_compiling() else grid_function
+
+
+def _axis_reads(coord: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed's bilinear rule on one axis: the two pixels each coordinate reads and their weights.
+
+    As in the seed, both corner indices are clamped to ``[0, size - 1]`` and so is the coordinate, then the weights
+    are ``1 + (near - coord)`` and ``1 - (far - coord)``. Inside ``[0, size - 1)`` that is plain linear
+    interpolation; outside, both corners are the border pixel and both weights are 1: the seed's factor 2 comes out
+    of the weights themselves, with no pass of its own.
+
+    Args:
+        coord: coordinates in input pixels, any shape.
+        size: length of the input along this axis.
+
+    Returns:
+        (near, far, near_weight, far_weight), each of ``coord``'s shape and dtype.
+    """
+    floor = coord.detach().floor()  # corners carry no gradient, as in the seed
+    near = floor.clamp(0, size - 1)
+    far = floor.add_(1).clamp_(0, size - 1)
+    coord = coord.clamp(0, size - 1)
+    return near, far, (near - coord).add_(1), (coord - far).add_(1)
+
+
+def corner_reads(coords: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four weighted pixel reads of each sample, for a weighted gather from a (B·H·W, C) pixel view.
+
+    Args:
+        coords: (2, B, H', W', N) rows, then columns, of the samples in input pixels.
+        height, width: size of the input.
+
+    Returns:
+        (index, weight), both (B·H'·W'·N, 4): int64 rows of the (B·H·W, C) view and their weights, for the corners
+        (top, left), (top, right), (bottom, left), (bottom, right). At the border the weights sum to 2 or 4.
+    """
+    batch = coords.shape[1]
+    top, bottom, top_weight, bottom_weight = _axis_reads(coords[0], height)  # each (B, H', W', N)
+    left, right, left_weight, right_weight = _axis_reads(coords[1], width)
+    image_start = torch.arange(0, batch * height * width, height * width, device=coords.device).view(batch, 1, 1, 1)
+    top = top.long().mul_(width).add_(image_start)
+    bottom = bottom.long().mul_(width).add_(image_start)
+    left, right = left.long(), right.long()
+    index = coords.new_empty((*coords.shape[1:], 4), dtype=torch.long)  # (B, H', W', N, 4)
+    # Indices are written in place into the last axis: one pass per corner, not a temporary per corner and a stack.
+    # (The weights are stacked: ``out=`` has no autograd, and gradients reach ``p_conv`` through them.)
+    for k, (row_start, col) in enumerate(((top, left), (top, right), (bottom, left), (bottom, right))):
+        torch.add(row_start, col, out=index[..., k])
+    weight = torch.stack(
+        [
+            top_weight * left_weight,
+            top_weight * right_weight,
+            bottom_weight * left_weight,
+            bottom_weight * right_weight,
+        ],
+        dim=-1,
+    )  # (B, H', W', N, 4)
+    return index.view(-1, 4), weight.view(-1, 4)
 
 
 class AKConv(nn.Module):
@@ -137,16 +207,11 @@ class AKConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B, c1, H, W). Returns: (B, c2, H', W')."""
         offset = self.p_conv(x)  # (B, 2N, H', W')
-        _, _, out_h, out_w = offset.shape
-        # Tracing (torch.compile, ONNX export) builds the grid in the graph: a cached traced tensor would leak out.
-        grid = base_grid.__wrapped__ if torch.compiler.is_compiling() else base_grid
-        coords = grid(self.num_param, self.stride, out_h, out_w, self.indexing, offset.device, offset.dtype)
-        coords = coords + offset  # (B, 2N, H', W'): rows then columns, input pixels
         if self.training:
-            return self._forward_exact(x, coords)
-        return self._forward_fast(x, coords)
+            return self._forward_exact(x, offset)
+        return self._forward_fast(x, offset)
 
-    def _forward_exact(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def _forward_exact(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The seed's arithmetic (floor, clamp, four corner reads, bilinear weights), used for training.
 
         Corners are read as rows of a channels-last (B·H·W, C) view with one int64 index of B·H'·N·W' entries per
@@ -155,7 +220,10 @@ class AKConv(nn.Module):
         """
         batch, channels, height, width = x.shape
         n = self.num_param
-        coords = coords.view(batch, 2, n, *coords.shape[2:]).transpose(2, 3)  # (B, 2, H', N, W')
+        _, _, out_h, out_w = offset.shape
+        grid = _cached(base_grid)(n, self.stride, out_h, out_w, self.indexing, offset.device, offset.dtype)
+        coords = grid + offset  # (B, 2N, H', W'): rows then columns, input pixels
+        coords = coords.view(batch, 2, n, out_h, out_w).transpose(2, 3)  # (B, 2, H', N, W')
         rows, cols = coords[:, 0].unsqueeze(-1), coords[:, 1].unsqueeze(-1)  # (B, H', N, W', 1)
 
         floor_rows, floor_cols = rows.detach().floor(), cols.detach().floor()
@@ -184,27 +252,27 @@ class AKConv(nn.Module):
         sampled = sampled.permute(0, 4, 1, 2, 3).reshape(batch, channels, -1, sampled.shape[3])  # (B, C, H'·N, W')
         return self.conv(sampled)  # (B, c2, H', W')
 
-    def _forward_fast(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Inference path: one ``grid_sample`` and one 1×1 convolution, same outputs as the exact path.
+    def _forward_fast(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Inference path: one weighted gather and one matrix product, same outputs as the exact path.
 
-        ``grid_sample`` with border padding clamps coordinates like the seed does; the seed's doubled weights
-        outside ``[0, size - 1)`` are applied as a per-sample factor. Samples are laid out (B, C, N, H', W') so that
-        the (N, 1) mixing convolution becomes a 1×1 convolution over C·N channels (weight index c·N + n).
+        ``embedding_bag`` reads the four corners of every sample from a channels-last (B·H·W, C) view of ``x`` and
+        sums them with the seed's bilinear weights (border factor included, see ``corner_reads``) in one pass. The
+        samples come out in (B, H', W', N, C) order, so the (N, 1) mixing convolution is one matrix product over
+        N·C whose (B·H'·W', c2) result is the output in channels-last layout, as the model runs.
         """
         batch, channels, height, width = x.shape
         n = self.num_param
-        out_h, out_w = coords.shape[2:]
-        rows = coords[:, :n].reshape(batch, n * out_h, out_w)  # (B, N·H', W')
-        cols = coords[:, n:].reshape(batch, n * out_h, out_w)
-        factor = _border_weight(rows, height) * _border_weight(cols, width)  # (B, N·H', W')
-        grid = torch.stack(
-            [cols * (2 / max(width - 1, 1)) - 1, rows * (2 / max(height - 1, 1)) - 1], dim=-1
-        )  # (B, N·H', W', 2), normalised (x, y)
-        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        sampled = (sampled * factor.unsqueeze(1)).view(batch, channels * n, out_h, out_w)  # (B, C·N, H', W')
+        _, _, out_h, out_w = offset.shape
+        grid = _cached(sample_grid)(n, self.stride, out_h, out_w, self.indexing, offset.device, offset.dtype)
+        coords = grid + offset.view(batch, 2, n, out_h, out_w).permute(1, 0, 3, 4, 2)  # (2, B, H', W', N)
+        index, weight = corner_reads(coords, height, width)  # (B·H'·W'·N, 4) each
+        pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view when x is channels-last
+        samples = F.embedding_bag(index, pixels, per_sample_weights=weight, mode="sum")  # (B·H'·W'·N, C)
         mix, norm, act = self.conv
-        weight = mix.weight.reshape(mix.out_channels, -1, 1, 1)  # (c2, C·N, 1, 1), independent of x's shape
-        return act(norm(F.conv2d(sampled, weight, mix.bias)))  # (B, c2, H', W')
+        mix_weight = mix.weight.squeeze(-1).transpose(1, 2).reshape(mix.out_channels, n * channels)  # (c2, N·C)
+        out = F.linear(samples.view(batch * out_h * out_w, n * channels), mix_weight, mix.bias)  # (B·H'·W', c2)
+        out = out.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)  # (B, c2, H', W'), channels-last
+        return act(norm(out))
 
     @torch.no_grad()
     def fuse(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.akconv import AKConv, initial_points
+from model.akconv import AKConv, corner_reads, initial_points
 from tests.model.akconv_reference import akconv_forward
 
 SEED_DIR = Path(__file__).resolve().parents[3] / "shared" / "seed"
@@ -63,6 +63,73 @@ class TestAgainstReference:
         assert grads[0][1].abs().sum() > 0, "no gradient reached p_conv"
         for exact, fast in zip(*grads, strict=True):
             torch.testing.assert_close(exact, fast, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("indexing", ["ij", "xy"])
+@pytest.mark.parametrize("num_param,stride", [(3, 2), (5, 1), (4, 3)])
+@pytest.mark.parametrize("shape", [(7, 7), (6, 9), (9, 5), (1, 6), (5, 1)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+class TestFastPath:
+    """The inference path (eval) against the exact one, on odd, non-square and one-pixel inputs, in both layouts."""
+
+    def test_fused_matches_the_exact_path(self, indexing, num_param, stride, shape, memory_format):
+        layer = make_layer(num_param=num_param, stride=stride, indexing=indexing)
+        x = torch.randn(3, 3, *shape).contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            exact = train_mode_with_fixed_norm(layer)(x)
+            layer.eval().fuse()
+            fused = layer(x)
+        torch.testing.assert_close(fused, exact, rtol=1e-4, atol=1e-5)
+
+    def test_samples_far_past_the_border(self, indexing, num_param, stride, shape, memory_format):
+        """Offsets of several pixels put most samples outside the input, where the seed weighs borders by 2 or 4."""
+        layer = make_layer(num_param=num_param, stride=stride, indexing=indexing, offset_scale=6.0)
+        x = torch.randn(2, 3, *shape).contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            expected = akconv_forward(layer.eval(), x)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_corner_reads_weigh_the_border_by_two_per_axis():
+    """Rows and columns at -0.5, 0, 0.25, 2.75, 3 and 4.5 on a 4×4 input: inside [0, 3) plain bilinear weights,
+    on or past the last pixel, or before the first, both reads land on the border pixel with weight 1 each."""
+    height = width = 4
+    positions = torch.tensor([-0.5, 0.0, 0.25, 2.75, 3.0, 4.5])
+    rows, cols = torch.meshgrid(positions, positions, indexing="ij")
+    coords = torch.stack([rows, cols]).view(2, 1, 6, 6, 1)  # (2, B, H', W', N)
+    index, weight = corner_reads(coords, height, width)
+    axis_reads = {  # position -> ((near, far), (near weight, far weight)) on a length-4 axis
+        -0.5: ((0, 0), (1.0, 1.0)),
+        0.0: ((0, 1), (1.0, 0.0)),
+        0.25: ((0, 1), (0.75, 0.25)),
+        2.75: ((2, 3), (0.25, 0.75)),
+        3.0: ((3, 3), (1.0, 1.0)),
+        4.5: ((3, 3), (1.0, 1.0)),
+    }
+    expected_index, expected_weight = [], []
+    for row, col in zip(rows.flatten().tolist(), cols.flatten().tolist(), strict=True):
+        (top, bottom), (top_weight, bottom_weight) = axis_reads[row]
+        (left, right), (left_weight, right_weight) = axis_reads[col]
+        expected_index.append([top * width + left, top * width + right, bottom * width + left, bottom * width + right])
+        expected_weight.append(
+            [
+                top_weight * left_weight,
+                top_weight * right_weight,
+                bottom_weight * left_weight,
+                bottom_weight * right_weight,
+            ]
+        )
+    assert index.tolist() == expected_index
+    torch.testing.assert_close(weight, torch.tensor(expected_weight))
+    sums = weight.sum(dim=1).view(6, 6)
+    assert sums[0, 0] == 4 and sums[0, 2] == 2 and sums[2, 3] == 1 and sums[4, 5] == 4
+
+
+def test_corner_reads_index_each_image_of_the_batch():
+    coords = torch.full((2, 3, 1, 1, 1), 1.0)  # every image samples pixel (1, 1) of a 2×3 input
+    index, weight = corner_reads(coords, height=2, width=3)
+    assert index.tolist() == [[4, 5, 4, 5], [10, 11, 10, 11], [16, 17, 16, 17]]
+    assert weight.sum(dim=1).tolist() == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize("indexing", ["ij", "xy"])
