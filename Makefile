@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-dev
 
-.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load load-trio soak evaluate clean
+.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load load-trio soak evaluate gpu-check clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
@@ -74,6 +74,16 @@ load-trio:
 # Ten minutes of mixed valid and invalid traffic; fails on any unexpected answer (docs/RELIABILITY.md).
 soak: $(INSTALLED)
 	$(PYTHON) -m bench.soak --minutes 10
+
+# On a machine with a CUDA GPU, a few minutes: the CUDA tests, then the layer and model benchmarks at fp16 up to
+# batch 64 (results in bench/results/*-cuda.json; record them with the card's name in bench/README.md).
+gpu-check: $(BENCH_INSTALLED)
+	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+	$(PYTHON) -m pytest -m gpu -q -p no:cacheprovider
+	$(PYTHON) -m bench.akconv
+	$(PYTHON) -m bench.model --device cuda --batches 1,8,32,64 --variants eager,compiled --warmup 3 --repeats 10
+	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --device cuda --batches 1,8,32,64 --variants eager \
+		--warmup 3 --repeats 10
 
 evaluate: $(INSTALLED)
 	$(PYTHON) -m model evaluate --count 500
