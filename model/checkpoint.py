@@ -112,6 +112,14 @@ class ModelMetadata:
     provenance: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None  # None only in format 1 bundles and for .pt imports
     format_version: int = BUNDLE_FORMAT_VERSION
+    description: str = ""  # what the model finds, for people; optional
+
+    def summary(self) -> str:
+        """What the model finds, in a sentence: its description, else its classes."""
+        if self.description:
+            return self.description
+        shown = ", ".join(self.names[:20]) + (f" and {len(self.names) - 20} more" if len(self.names) > 20 else "")
+        return f"Finds {len(self.names)} classes: {shown}."
 
     def recorded_map50(self) -> float | None:
         """The validation mAP50 training recorded, if any."""
@@ -247,6 +255,7 @@ _METADATA_TYPES: dict[str, tuple[type, ...]] = {
     "provenance": (dict,),
     "weights_sha256": (str, type(None)),
     "format_version": (int,),
+    "description": (str,),
 }
 
 
@@ -257,6 +266,8 @@ def _check_identity(metadata: ModelMetadata, where: str) -> None:
         raise RefusedModel(f"{where}: model name {metadata.name[:80]!r} must be 1-128 letters, digits or ._-@+:")
     if not printable.match(metadata.version):
         raise RefusedModel(f"{where}: model version {metadata.version[:80]!r} must be 1-128 letters, digits or ._-@+:")
+    if len(metadata.description) > 2000:
+        raise RefusedModel(f"{where}: the description is over 2,000 characters")
     if not all(isinstance(n, str) and 0 < len(n) <= 64 for n in metadata.names):
         raise RefusedModel(f"{where}: class names must be strings of 1 to 64 characters")
     if not 32 <= metadata.input_size <= 4096 or metadata.input_size % 32:

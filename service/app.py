@@ -28,6 +28,7 @@ from service.admission import Admission
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
+from service.docs import docs_router
 from service.engine import Engine, EngineProtocol
 from service.errors import ServiceError, ShuttingDown
 from service.metrics import Metrics
@@ -174,7 +175,15 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
             }
         )
         state.set_ready(True)
-        log.info("ready", extra={"model": ready_engine.name, "device": ready_engine.device})
+        log.info(
+            "ready",
+            extra={
+                "model": ready_engine.name,
+                "version": ready_engine.version,
+                "device": ready_engine.device,
+                "finds": ready_engine.metadata.summary(),
+            },
+        )
         try:
             yield
         finally:
@@ -190,10 +199,13 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
         version="0.1.0",
         lifespan=lifespan,
         dependencies=[Depends(limit_headers)],
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; service.docs serves them from local files
+        redoc_url=None,
     )
     app.state.service = state
     app.include_router(detect_router)
     app.include_router(ops_router)
+    app.include_router(docs_router)
     if settings.cors_origins:  # off unless configured: browsers get no cross-origin access by default
         app.add_middleware(
             CORSMiddleware,

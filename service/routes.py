@@ -164,13 +164,27 @@ async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep)
     return BatchDetectResponse(request_id=request_id, results=results)
 
 
-PAGE = (resources.files("service") / "static" / "index.html").read_text()
+STATIC = resources.files("service") / "static"
+PAGE = (STATIC / "index.html").read_text()
+FAVICON = (STATIC / "favicon.ico").read_bytes()
+SAMPLE = (STATIC / "sample.jpg").read_bytes()  # model.synthetic.render(3_000_003, 640): 2 triangles, 4 stars
 
 
 @ops_router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
     """A self-contained page to try the detector in a browser (no CDN, works offline)."""
     return HTMLResponse(PAGE)
+
+
+@ops_router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    return Response(FAVICON, media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@ops_router.get("/sample.jpg", include_in_schema=False)
+async def sample() -> Response:
+    """A synthetic sample of what the bundled model knows (the page's "Try a sample")."""
+    return Response(SAMPLE, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
 
 @ops_router.get("/healthz", response_model=Health, summary="Liveness")
@@ -189,6 +203,7 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
     return ModelInfo(
         name=engine.name,
         version=engine.version,
+        description=engine.metadata.summary(),
         classes=engine.names,
         input_size=engine.input_size,
         device=engine.device,

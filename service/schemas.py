@@ -103,6 +103,7 @@ class BatchDetectResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
+    description: str = Field(description="what the model finds, in a sentence")
     classes: list[str]
     input_size: int
     device: str

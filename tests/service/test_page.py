@@ -153,3 +153,43 @@ def test_a_new_file_or_an_error_clears_the_old_results(server, browser, tmp_path
     page.wait_for_selector("body[data-state=error]", timeout=60_000)
     assert page.locator("#detections tbody tr").count() == 0 and page.locator("#timings dt").count() == 0
     page.close()
+
+
+def test_try_a_sample_detects_the_bundled_models_shapes(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.click("#sample")
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    classes = {cell.strip() for cell in page.locator("#detections tbody tr td:first-child").all_inner_texts()}
+    assert classes == {"triangle", "star"}
+    assert "finds two synthetic shapes" in page.inner_text("#model")
+    page.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"), [("/docs", ".swagger-ui .opblock"), ("/redoc", "h2:has-text('Detect objects')")]
+)
+def test_the_api_docs_render_with_every_outside_request_blocked(server, browser, path, rendered):
+    page = browser.new_page()
+    outside = []
+
+    def only_loopback(route):
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.goto(server.url + path)
+    page.wait_for_selector(rendered, timeout=30_000)
+    assert "/detect/annotated" in page.inner_text("body")
+    assert outside == [], f"the docs page asked for {outside}"
+    page.close()
+
+
+def test_favicon_and_sample_are_served(server):
+    icon = httpx.get(server.url + "/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    sample_jpg = httpx.get(server.url + "/sample.jpg")
+    assert sample_jpg.status_code == 200 and sample_jpg.content[:2] == b"\xff\xd8"
