@@ -578,6 +578,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "name": metadata.name,
         "version": metadata.version,
+        "description": metadata.summary(),
         "classes": metadata.names,
         "input_size": metadata.input_size,
         "akconv_indexing": metadata.akconv_indexing,
