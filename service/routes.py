@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from model.checkpoint import DEFAULT_BUNDLE
 from service.admission import Ticket
 from service.annotate import annotate, encode, negotiate
 from service.dependencies import PipelineDep, QueryDep, StateDep, require_api_key
@@ -219,7 +220,9 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
 
 @ops_router.get("/v1/config", dependencies=[Depends(require_api_key)], summary="Effective settings, secrets masked")
 async def config(state: StateDep) -> JSONResponse:
-    return JSONResponse(state.settings.public())
+    values = state.settings.public()
+    values["model_path"] = values["model_path"] or str(DEFAULT_BUNDLE)  # the model in use, not "null"
+    return JSONResponse(values)
 
 
 @ops_router.get(

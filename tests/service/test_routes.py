@@ -64,6 +64,8 @@ def test_info_and_health_routes():
     assert healthz.json() == {"status": "ok"} and readyz.json() == {"status": "ready"}
     assert model.json()["classes"] == ["triangle", "star"] and model.json()["dtype"] == "float32"
     assert config.json()["api_key"] is None
+    assert config.json()["model_path"].endswith("yolov10n-akconv"), "the model in use, not null"
+    assert model.json()["description"] == "Finds 2 classes: triangle, star."
     assert page.headers["content-type"].startswith("text/html")
 
 
