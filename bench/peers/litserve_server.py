@@ -21,7 +21,8 @@ from typing import Any
 
 import litserve as ls
 
-from bench.peers.yolo import decode_rgb, detections_json, load_yolo, predict_options
+from bench.peers.answers import decode_rgb, detections_json
+from bench.peers.yolo import load_yolo, predict_options
 
 
 class UltralyticsAPI(ls.LitAPI):

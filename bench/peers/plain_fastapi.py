@@ -21,7 +21,8 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import FastAPI, File, Query, UploadFile
 
-from bench.peers.yolo import decode_rgb, detections_json, load_yolo, predict_options
+from bench.peers.answers import decode_rgb, detections_json
+from bench.peers.yolo import load_yolo, predict_options
 
 
 def create_app(model_path: Path | None, imgsz: int | None, device: str | None, half: bool, rect: bool) -> FastAPI:
