@@ -59,11 +59,18 @@ bench-model: $(BENCH_INSTALLED)
 	$(PYTHON) -m bench.model
 	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --batches 1,2,4,8 --warmup 2 --repeats 5
 
-# The service and its two peers, one after the other, under the same load, for the bundled model and the seed's.
-bench-load: $(BENCH_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json
-	$(MAKE) --no-print-directory load-trio NAME=n384 MODEL=model/weights/yolov10n-akconv
-	$(MAKE) --no-print-directory load-trio NAME=s640 MODEL=$(SEED_MODEL_BUNDLE)
+# The seed recipe's checkpoint as its trainer would save it (random weights): what the recipe peers and the service load.
+SEED_RECIPE_PT := runs/bench/yolov10s-akconv-seed-recipe.pt
+$(SEED_RECIPE_PT): $(INSTALLED)
+	$(PYTHON) -m bench.seed_checkpoint $(SEED_RECIPE_PT) --size 640
 
+# The service and its peers, all up, in alternating rounds on real photos (a few minutes; longer:
+# make bench-load ROUNDS_ARGS="--rounds 5 --duration 20").
+ROUNDS_ARGS ?=
+bench-load: $(BENCH_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json $(SEED_RECIPE_PT)
+	$(PYTHON) -m bench.load_rounds --recipe-model $(SEED_RECIPE_PT) --bundle $(SEED_MODEL_BUNDLE) $(ROUNDS_ARGS)
+
+# One server after the other under the same load (bench.load), for the bundled model or another bundle.
 load-trio:
 	$(PYTHON) -m bench.load --name service-$(NAME) --start "$(PYTHON) -m service --port 8000 --model-path $(MODEL)"
 	$(PYTHON) -m bench.load --name plain-fastapi-$(NAME) --url http://127.0.0.1:8001 --ready-path /health \

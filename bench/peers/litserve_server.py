@@ -2,6 +2,7 @@
 
     python -m bench.peers.litserve_server [--port 8002] [--model BUNDLE_DIR_OR_PT] [--imgsz 320]
         [--max-batch-size 8] [--batch-timeout-ms 5] [--conf 0.25] [--accelerator auto] [--half] [--rect]
+    python -m bench.peers.litserve_server --recipe --model BEST.pt [--port 8004]
 
 LitServe forms batches of up to ``max_batch_size`` requests, waiting at most ``batch_timeout`` for one to fill
 (the same two knobs as the service's ``max_batch_size`` and ``max_batch_wait_ms``), in one inference worker
@@ -9,6 +10,11 @@ process; the batch goes to ``YOLO.predict`` as a list of images. ``POST /detect`
 ``file`` and answers ``{"image", "detections", "batch_size"}`` shaped like the service's; ``conf`` is fixed per
 server (LitServe hands ``decode_request`` the form, not the query). ``GET /health`` answers 200 once the worker is
 ready. Listens on 127.0.0.1 only. Model, head and letterbox as in :mod:`bench.peers.plain_fastapi`.
+
+``--recipe`` serves what a user of the seed recipe has instead: a recipe checkpoint (``bench.seed_checkpoint``) with
+the seed's AKConv registered the recipe's way (:mod:`bench.peers.recipe`), predicted with ultralytics' rectangular
+letterbox, as :mod:`bench.peers.recipe_user` does (ultralytics keeps it square when a batch mixes photo shapes).
+On CPU, ultralytics' ``select_device`` sets torch to ``min(8, cpu_count - 1)`` threads in either mode.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Any
 
 import litserve as ls
 
-from bench.peers.yolo import decode_rgb, detections_json, load_yolo, predict_options
+from bench.peers.answers import decode_rgb, detections_json
+from bench.peers.recipe import register_recipe_akconv
+from bench.peers.yolo import load_yolo, predict_options
 
 
 class UltralyticsAPI(ls.LitAPI):
@@ -32,13 +40,17 @@ class UltralyticsAPI(ls.LitAPI):
         conf: float,
         half: bool,
         rect: bool,
+        recipe: bool,
         max_batch_size: int,
         batch_timeout_s: float,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s, api_path="/detect")
         self.model_path, self.imgsz, self.conf, self.half, self.rect = model_path, imgsz, conf, half, rect
+        self.recipe = recipe
 
     def setup(self, device: str) -> None:
+        if self.recipe:
+            register_recipe_akconv()
         self.yolo = load_yolo(self.model_path)
         imgsz = self.imgsz or self.yolo.overrides.get("imgsz", 640)
         self.options = predict_options(imgsz, device, self.half, self.rect)
@@ -82,9 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA)")
     parser.add_argument("--rect", action="store_true", help="ultralytics' rectangular letterbox (default: square)")
+    parser.add_argument("--recipe", action="store_true", help="--model is a seed-recipe .pt; implies --rect")
     args = parser.parse_args(argv)
+    if args.recipe and (args.model is None or args.model.suffix != ".pt"):
+        parser.error("--recipe needs --model BEST.pt, a seed-recipe checkpoint (python -m bench.seed_checkpoint)")
+    rect = args.rect or args.recipe
     api = UltralyticsAPI(
-        args.model, args.imgsz, args.conf, args.half, args.rect, args.max_batch_size, args.batch_timeout_ms / 1000
+        args.model,
+        args.imgsz,
+        args.conf,
+        args.half,
+        rect,
+        args.recipe,
+        args.max_batch_size,
+        args.batch_timeout_ms / 1000,
     )
     signal.signal(signal.SIGTERM, _stop_gracefully)  # without it, SIGTERM orphans the worker processes
     server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1)

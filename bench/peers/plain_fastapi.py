@@ -1,4 +1,4 @@
-"""Peer 1: the plain FastAPI endpoint a user of the seed recipe writes first, ``YOLO.predict`` per request.
+"""Peer 1: a plain FastAPI endpoint, ``YOLO.predict`` per request, around the project's model (serving overhead).
 
     python -m bench.peers.plain_fastapi [--port 8001] [--model BUNDLE_DIR_OR_PT] [--imgsz 320] [--device cpu]
         [--half] [--rect]
@@ -8,7 +8,8 @@ endpoints in a thread pool), no batching. ``POST /detect`` takes the multipart f
 answers ``{"image", "detections", "batch_size"}`` shaped like the service's; ``GET /health`` answers 200 once the
 model is loaded. Listens on 127.0.0.1 only. ``--model`` takes a ``.pt`` or a bundle (exported to a ``.pt`` once, see
 :mod:`bench.peers.export_pt`). Same head and square letterbox as the service (see
-:func:`bench.peers.yolo.predict_options`): on the same image the detections are the service's.
+:func:`bench.peers.yolo.predict_options`): on the same image the detections are the service's. It measures the
+serving around the model; what a user of the seed recipe runs instead is :mod:`bench.peers.recipe_user`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import FastAPI, File, Query, UploadFile
 
-from bench.peers.yolo import decode_rgb, detections_json, load_yolo, predict_options
+from bench.peers.answers import decode_rgb, detections_json
+from bench.peers.yolo import load_yolo, predict_options
 
 
 def create_app(model_path: Path | None, imgsz: int | None, device: str | None, half: bool, rect: bool) -> FastAPI:

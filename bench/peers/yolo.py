@@ -1,14 +1,10 @@
-"""What both peers share: the ultralytics model from a ``.pt`` or a bundle, and its results as the service's JSON."""
+"""What the project-model peers share: the ultralytics model from a ``.pt`` or a bundle, and predict's options."""
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from bench.peers.export_pt import export_pt
 from model.checkpoint import DEFAULT_BUNDLE  # importing ``model`` first makes ultralytics offline (model.offline)
@@ -32,30 +28,6 @@ def load_yolo(model_path: Path | None) -> Any:
     from ultralytics import YOLO
 
     return YOLO(str(checkpoint_path(model_path)), task="detect")
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Uploaded bytes -> RGB PIL image (ultralytics reads PIL images as RGB, numpy arrays as BGR)."""
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def detections_json(result: Any) -> dict[str, Any]:
-    """One ultralytics ``Results`` as the service's response fields: image size and detections in image pixels."""
-    boxes = result.boxes
-    xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
-    height, width = result.orig_shape
-    return {
-        "image": {"width": int(width), "height": int(height)},
-        "detections": [
-            {
-                "class_id": int(class_id),
-                "class_name": result.names[int(class_id)],
-                "confidence": round(float(score), 4),
-                "box": dict(zip(("x1", "y1", "x2", "y2"), (round(float(v), 1) for v in box), strict=True)),
-            }
-            for box, score, class_id in zip(xyxy, boxes.conf.cpu().numpy(), boxes.cls.cpu().numpy(), strict=True)
-        ],
-    }
 
 
 def predict_options(imgsz: int, device: str | None, half: bool, rect: bool) -> dict[str, Any]:
