@@ -136,11 +136,16 @@ class Prepared:
 
 def prepare(data: bytes, max_pixels: int, size: int, keep_pixels: bool) -> Prepared:
     """Decode and letterbox ``data`` to the model's ``size``; with ``keep_pixels``, keep a bounded copy to draw on
-    (:func:`service.annotate.drawable_copy`). Runs in the decode pool."""
+    (:func:`service.annotate.drawable_copy`). Runs in the decode pool.
+
+    The model's input is decoded the same way whether or not the image is drawn on (a JPEG at the reduced DCT scale
+    that fits ``size``), so ``/detect`` and ``/detect/annotated`` find the same boxes in the same bytes; the copy to
+    draw on is a second decode, at the drawing's size.
+    """
     started = time.monotonic()
-    image = decode(data, max_pixels, fit=max(size, MAX_SIDE) if keep_pixels else size)
+    image = decode(data, max_pixels, fit=size)
     tensor, geometry = letterbox(image, size)
-    pixels = drawable_copy(image.pixels) if keep_pixels else None
+    pixels = drawable_copy(decode(data, max_pixels, fit=MAX_SIDE).pixels) if keep_pixels else None
     return Prepared(tensor, geometry, time.monotonic() - started, pixels)
 
 

@@ -209,6 +209,17 @@ def test_bad_bodies(server, content, content_type, status, code):
     assert "Traceback" not in response.text
 
 
+def test_detect_and_annotated_find_the_same_boxes_in_a_large_jpeg(server):
+    """One decode path for the model: the annotated route used to decode large JPEGs at full size (10 vs 8 boxes)."""
+    for photo in (BUS, BUS.with_name("zidane.jpg")):
+        found = post_image(server.url, photo.read_bytes(), filename=photo.name, params={"conf": 0.05}).json()
+        drawn = httpx.post(
+            server.url + "/detect/annotated", files={"file": (photo.name, photo.read_bytes())}, params={"conf": 0.05},
+            timeout=60,
+        )  # fmt: skip
+        assert drawn.status_code == 200 and int(drawn.headers["x-detections"]) == len(found["detections"]) > 0
+
+
 def test_missing_file_field(server):
     response = httpx.post(server.url + "/detect", files={"image": ("x.png", BUS.read_bytes())}, timeout=30)
     assert response.status_code == 400 and "'file'" in response.json()["error"]["message"]
