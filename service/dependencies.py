@@ -84,6 +84,15 @@ def detect_query(
     conf: Annotated[float | None, Query(ge=0, le=1, description="minimum confidence; default from settings")] = None,
     max_det: Annotated[int | None, Query(ge=1, le=300, description="most detections per image")] = None,
     classes: Annotated[str | None, Query(description="comma-separated class ids or names", examples=["star"])] = None,
+    dedupe: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=1,
+            examples=[0.7],
+            description="where boxes of different classes overlap above this IoU, keep only the most confident one",
+        ),
+    ] = None,
 ) -> DetectQuery:
     selected = None
     if classes is not None:
@@ -95,6 +104,7 @@ def detect_query(
         conf=state.settings.default_conf if conf is None else conf,
         max_det=state.settings.max_detections if max_det is None else max_det,
         classes=selected,
+        dedupe_iou=dedupe,
     )
 
 

@@ -34,11 +34,32 @@ from service.schemas import Detection, DetectResponse
 
 @dataclass(frozen=True)
 class DetectQuery:
-    """What a caller asks of the detections: minimum confidence, most detections, class ids (None: all)."""
+    """What a caller asks of the detections: minimum confidence, most detections, class ids (None: all), and the IoU
+    above which overlapping boxes of different classes are one object (None: keep them all)."""
 
     conf: float
     max_det: int
     classes: set[int] | None
+    dedupe_iou: float | None = None
+
+
+def one_class_per_place(detections: list[Detection], iou: float) -> list[Detection]:
+    """``detections`` (most confident first) without those that overlap a more confident one of another class by
+    more than ``iou``. The NMS-free head sometimes answers one object twice, once per class."""
+    kept: list[Detection] = []
+    for detection in detections:
+        if all(d.class_id == detection.class_id or box_iou(d.box, detection.box) <= iou for d in kept):
+            kept.append(detection)
+    return kept
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes (0 when either is empty)."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    overlap = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
+    return overlap / union if union > 0 else 0.0
 
 
 @dataclass
@@ -262,6 +283,8 @@ class Pipeline:
         output = await self.batcher.submit(prepared.tensor, deadline=self.deadline(arrived))
         finished = time.monotonic()
         detections = engine.detections(output.rows, prepared.geometry, query.conf, query.classes, query.max_det)
+        if query.dedupe_iou is not None:
+            detections = one_class_per_place(detections, query.dedupe_iou)
         for detection in detections:
             metrics.detections.labels(detection.class_name).inc()
         done = time.monotonic()

@@ -17,6 +17,7 @@ from model.build import fuse_for_inference
 from model.checkpoint import load
 from model.evaluate import MatchCounts, detect_synthetic
 from model.synthetic import SPLITS, render
+from service.pipeline import box_iou
 from tests.image_files import encode
 from tests.service.server import metric_value, running_server
 
@@ -218,6 +219,17 @@ def test_detect_and_annotated_find_the_same_boxes_in_a_large_jpeg(server):
             timeout=60,
         )  # fmt: skip
         assert drawn.status_code == 200 and int(drawn.headers["x-detections"]) == len(found["detections"]) > 0
+
+
+def test_dedupe_keeps_one_box_where_classes_overlap(server):
+    data = encode(render(SPLITS["test"] + 11, 640)[0])
+    everything = post_image(server.url, data, params={"conf": 0.05}).json()["detections"]
+    kept = post_image(server.url, data, params={"conf": 0.05, "dedupe": 0.5}).json()["detections"]
+    boxes = [(d["class_id"], tuple(d["box"].values())) for d in kept]
+    assert 0 < len(kept) <= len(everything)
+    for i, (class_a, box_a) in enumerate(boxes):
+        for class_b, box_b in boxes[i + 1 :]:
+            assert class_a == class_b or box_iou(box_a, box_b) <= 0.5
 
 
 def test_missing_file_field(server):

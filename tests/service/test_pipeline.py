@@ -17,7 +17,8 @@ from service.admission import Admission
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.metrics import Metrics
-from service.pipeline import DetectQuery, Pipeline, batch_runner, multipart_files
+from service.pipeline import DetectQuery, Pipeline, batch_runner, box_iou, multipart_files, one_class_per_place
+from service.schemas import Detection
 from tests.image_files import encode
 from tests.service.fakes import FakeEngine, fake_settings
 
@@ -100,3 +101,15 @@ def test_multipart_files_are_parsed_in_memory_never_spooled_to_disk(monkeypatch)
     body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + data + b"\r\n--b--\r\n"
     files = asyncio.run(multipart_files(body, "multipart/form-data; boundary=b", "file", max_files=1))
     assert files == [data]
+
+
+def test_one_class_per_place_keeps_the_most_confident_of_overlapping_classes():
+    star = Detection(1, "star", 0.9, (0.0, 0.0, 10.0, 10.0))
+    same_place_triangle = Detection(0, "triangle", 0.8, (1.0, 0.0, 10.0, 10.0))  # IoU 0.9 with the star
+    same_place_star = Detection(1, "star", 0.7, (0.0, 1.0, 10.0, 10.0))  # the same class: not a duplicate class
+    elsewhere = Detection(0, "triangle", 0.6, (20.0, 20.0, 30.0, 30.0))
+    detections = [star, same_place_triangle, same_place_star, elsewhere]
+    assert one_class_per_place(detections, 0.7) == [star, same_place_star, elsewhere]
+    assert one_class_per_place(detections, 0.95) == detections
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0

@@ -74,6 +74,7 @@ def test_info_and_health_routes():
     [
         ({"params": {"conf": "2"}}, 400, "bad_request"),
         ({"params": {"classes": "unicorn"}}, 400, "bad_request"),
+        ({"params": {"dedupe": "0"}}, 400, "bad_request"),
         ({"files": {"image": ("a.png", PNG)}}, 400, "bad_request"),
         ({"content": b"--x\r\ngarbage", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
          "bad_request"),
@@ -84,7 +85,7 @@ def test_info_and_health_routes():
         ({"content": b"\0" * 5000, "headers": {"content-type": "image/png"}}, 413, "payload_too_large"),
         ({"files": {"file": ("a.png", PNG)}, "headers": {"x-big": "a" * 5000}}, 431, "headers_too_large"),
     ],
-    ids=["conf", "class", "field", "multipart", "not-an-image", "content-type", "truncated", "pixels", "body",
+    ids=["conf", "class", "dedupe", "field", "multipart", "not-an-image", "content-type", "truncated", "pixels", "body",
          "headers"],
 )  # fmt: skip
 def test_client_errors(request_args, status, code):
