@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(result, Exception):
                 print(json.dumps({"file": str(path), "error": str(result)}))
             else:
-                print(json.dumps({"file": str(path), **result.model_dump()}))
+                print(json.dumps({**result.model_dump(), "file": str(path)}))
     else:
         print(_table(args.images, results))
     if any(isinstance(result, Exception) for result in results):

@@ -122,7 +122,15 @@ def check_content_type(content_type: str, field_name: str) -> bool:
     )
 
 
-async def multipart_files(body: bytes, content_type: str, field_name: str, max_files: int) -> list[bytes]:
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: its bytes and, when it came as a multipart file, the file name the client gave."""
+
+    name: str | None
+    data: bytes
+
+
+async def multipart_files(body: bytes, content_type: str, field_name: str, max_files: int) -> list[Upload]:
     """The files of a multipart body's ``field_name`` field, parsed in memory (never spooled to disk: ``body`` is
     already within the upload limit and the body budget)."""
 
@@ -140,7 +148,7 @@ async def multipart_files(body: bytes, content_type: str, field_name: str, max_f
         files = [value for value in form.getlist(field_name) if isinstance(value, UploadFile)]
         if not files:
             raise BadRequest(f"multipart field '{field_name}' with an image file is required")
-        return [await upload.read() for upload in files]
+        return [Upload(upload.filename, await upload.read()) for upload in files]
     finally:
         await form.close()
 
@@ -218,7 +226,7 @@ class Pipeline:
         field_name: str,
         max_files: int,
         arrived: float,
-    ) -> list[bytes]:
+    ) -> list[Upload]:
         """The images of a request: a multipart ``field_name`` field (at most ``max_files``), or the raw body when
         ``content_type`` is ``image/*``. The body is read within the upload limit and the deadline, its bytes held
         on ``ticket`` (a multipart body twice: its parts are copied out of it)."""
@@ -227,7 +235,7 @@ class Pipeline:
         limit = self.settings.max_upload_bytes
         body = await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
         if not multipart:
-            return [body]
+            return [Upload(None, body)]
         return await multipart_files(body, content_type, field_name, max_files)
 
     async def _prepare(self, ticket: Ticket, data: bytes, keep_pixels: bool, deadline: float) -> Prepared:

@@ -17,7 +17,7 @@ from service.admission import Ticket
 from service.annotate import annotate, encode, negotiate
 from service.dependencies import PipelineDep, QueryDep, StateDep, require_api_key
 from service.errors import ClientGone, ImageRejected
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, Upload
 from service.schemas import (
     BatchDetectResponse,
     DetectResponse,
@@ -52,7 +52,7 @@ ops_router = APIRouter(tags=["operations"])
 
 async def body_images(
     request: Request, pipeline: Pipeline, ticket: Ticket, field_name: str, max_files: int
-) -> list[bytes]:
+) -> list[Upload]:
     """The request's images (see :meth:`service.pipeline.Pipeline.read_images`)."""
     declared = request.headers.get("content-length")
     return await pipeline.read_images(
@@ -103,9 +103,11 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def detect(request: Request, pipeline: PipelineDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
     with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
-        (image,) = await body_images(request, pipeline, ticket, "file", max_files=1)
-        work = pipeline.detect(ticket, image, query, request.state.request_id, request.state.arrived)
-        return (await cancel_on_disconnect(request, work)).response
+        (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
+        work = pipeline.detect(ticket, upload.data, query, request.state.request_id, request.state.arrived)
+        response = (await cancel_on_disconnect(request, work)).response
+        response.file = upload.name
+        return response
 
 
 @detect_router.post(
@@ -121,8 +123,9 @@ async def detect_annotated(request: Request, pipeline: PipelineDep, query: Query
     (larger images are drawn on a downscaled copy); ``X-Detections`` holds the count."""
     media_type = negotiate(request.headers.get("accept"))
     with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
-        (image,) = await body_images(request, pipeline, ticket, "file", max_files=1)
-        work = pipeline.detect(ticket, image, query, request.state.request_id, request.state.arrived, keep_pixels=True)
+        (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
+        arrived = request.state.arrived
+        work = pipeline.detect(ticket, upload.data, query, request.state.request_id, arrived, keep_pixels=True)
         result = await cancel_on_disconnect(request, work)
         image = result.response.image
         scale = max(result.pixels.shape[:2]) / max(image.width, image.height)  # the drawn copy may be smaller
@@ -144,17 +147,20 @@ async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep)
     """
     request_id, arrived = request.state.request_id, request.state.arrived
 
-    async def one_image(ticket: Ticket, image: bytes) -> DetectResponse | ImageError:
+    async def one_image(ticket: Ticket, upload: Upload) -> DetectResponse | ImageError:
         try:
-            return (await pipeline.detect(ticket, image, query, request_id, arrived)).response
+            response = (await pipeline.detect(ticket, upload.data, query, request_id, arrived)).response
         except ImageRejected as error:
             pipeline.metrics.rejected.labels(error.rejection).inc()
-            return ImageError(status=error.status, error={"code": error.code, "message": error.message})
+            error_body = {"code": error.code, "message": error.message}
+            return ImageError(status=error.status, error=error_body, file=upload.name)
+        response.file = upload.name
+        return response
 
-    async def all_images(ticket: Ticket, images: list[bytes]) -> list[DetectResponse | ImageError]:
+    async def all_images(ticket: Ticket, uploads: list[Upload]) -> list[DetectResponse | ImageError]:
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one_image(ticket, image)) for image in images]
+                tasks = [group.create_task(one_image(ticket, upload)) for upload in uploads]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the failure that cancelled the others
         return [task.result() for task in tasks]

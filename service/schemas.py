@@ -72,6 +72,7 @@ class DetectResponse(BaseModel):
     )
 
     request_id: str
+    file: str | None = Field(None, description="the uploaded file's name (multipart), null for a raw body")
     model: ModelRef
     image: ImageSize
     detections: list[DetectionOut]
@@ -90,6 +91,7 @@ class ErrorResponse(BaseModel):
 
 class ImageError(ErrorResponse):
     status: int = Field(description="what /detect answers for this image alone", examples=[422])
+    file: str | None = Field(None, description="the uploaded file's name")
 
 
 class BatchDetectResponse(BaseModel):

@@ -17,7 +17,15 @@ from service.admission import Admission
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.metrics import Metrics
-from service.pipeline import DetectQuery, Pipeline, batch_runner, box_iou, multipart_files, one_class_per_place
+from service.pipeline import (
+    DetectQuery,
+    Pipeline,
+    Upload,
+    batch_runner,
+    box_iou,
+    multipart_files,
+    one_class_per_place,
+)
 from service.schemas import Detection
 from tests.image_files import encode
 from tests.service.fakes import FakeEngine, fake_settings
@@ -100,7 +108,7 @@ def test_multipart_files_are_parsed_in_memory_never_spooled_to_disk(monkeypatch)
     data = np.random.default_rng(0).bytes(3 * 2**20)
     body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + data + b"\r\n--b--\r\n"
     files = asyncio.run(multipart_files(body, "multipart/form-data; boundary=b", "file", max_files=1))
-    assert files == [data]
+    assert files == [Upload("a.jpg", data)]
 
 
 def test_one_class_per_place_keeps_the_most_confident_of_overlapping_classes():

@@ -48,9 +48,10 @@ def test_raw_body_batch_and_annotated():
             return raw, batch, drawn
 
     raw, batch, drawn = run(scenario())
-    assert raw.status_code == 200
+    assert raw.status_code == 200 and raw.json()["file"] is None
     first, second = batch.json()["results"]
     assert first["image"]["width"] == 64 and second["status"] == 415
+    assert (first["file"], second["file"]) == ("a.png", "b"), "each result names its file"
     assert drawn.status_code == 200 and drawn.headers["content-type"] == "image/jpeg"
     assert drawn.headers["x-detections"] == "1"
 
