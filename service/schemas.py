@@ -55,6 +55,7 @@ class DetectResponse(BaseModel):
         json_schema_extra={
             "example": {
                 "request_id": "5f0c3b0e9d2a4d0c",
+                "file": "photo.jpg",
                 "model": {"name": "yolov10n-akconv", "version": "2026-11-28"},
                 "image": {"width": 810, "height": 1080},
                 "detections": [
