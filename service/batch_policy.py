@@ -41,30 +41,35 @@ def measure(
 ) -> Timings:
     """Time ``forward(shape, batch_size)`` for each shape and batch size 1..``max_batch_size``.
 
-    Each shape is first run once untimed (kernels, allocator pools); each size is then timed ``rounds`` times and
-    its fastest kept (the least disturbed by other work on the machine). A shape's measuring stops after
-    :data:`LOSING_SIZES_TO_STOP` sizes in a row that do not raise its throughput.
+    Each shape is first run once untimed (kernels, allocator pools). The first round times the sizes in turn and
+    stops after :data:`LOSING_SIZES_TO_STOP` sizes in a row that do not raise throughput; the other ``rounds - 1``
+    rounds go over the measured sizes again, alternating, so that a machine whose speed drifts (other work on it)
+    disturbs every size alike. Each size keeps its fastest time, the least disturbed.
 
     Returns: seconds of one forward by shape and batch size; empty when ``rounds`` is 0 (nothing is run).
     """
     timings: Timings = {}
     if rounds == 0:
         return timings
+
+    def timed(shape: Shape, batch_size: int) -> float:
+        started = clock()
+        forward(shape, batch_size)
+        return clock() - started
+
     for shape in shapes:
         forward(shape, 1)
         seconds_by_size: dict[int, float] = {}
         losing = 0
         for batch_size in range(1, max_batch_size + 1):
-            runs = []
-            for _ in range(rounds):
-                started = clock()
-                forward(shape, batch_size)
-                runs.append(clock() - started)
             best_before = max((size / seconds for size, seconds in seconds_by_size.items()), default=0.0)
-            seconds_by_size[batch_size] = min(runs)
+            seconds_by_size[batch_size] = timed(shape, batch_size)
             losing = 0 if batch_size / seconds_by_size[batch_size] > best_before else losing + 1
             if losing == LOSING_SIZES_TO_STOP:
                 break
+        for _ in range(rounds - 1):
+            for batch_size in seconds_by_size:
+                seconds_by_size[batch_size] = min(seconds_by_size[batch_size], timed(shape, batch_size))
         timings[shape] = seconds_by_size
     return timings
 

@@ -65,11 +65,12 @@ class FakeForward:
 EXACT = {1: 0.125, 2: 0.1875, 3: 0.375, 4: 0.25}
 
 
-def test_measure_times_each_shape_and_size_after_one_untimed_forward():
+def test_measure_times_each_shape_and_size_in_alternating_rounds_after_one_untimed_forward():
     forward = FakeForward(EXACT)
     timings = measure(forward, [(64, 64), (32, 64)], max_batch_size=4, rounds=2, clock=forward.clock)
     assert timings == {(64, 64): EXACT, (32, 64): EXACT}
-    assert forward.calls[:3] == [((64, 64), 1), ((64, 64), 1), ((64, 64), 1)], "one untimed, then two rounds"
+    sizes = [size for shape, size in forward.calls if shape == (64, 64)]
+    assert sizes == [1, 1, 2, 3, 4, 1, 2, 3, 4], "one untimed, then two rounds over the sizes"
 
 
 def test_measure_stops_a_shape_after_two_losing_sizes_in_a_row():
