@@ -25,6 +25,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
+from service.batch_policy import BatchPolicy, served_shapes
 from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
@@ -154,13 +155,18 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ready_engine = engine or await asyncio.to_thread(Engine, settings)
-        await asyncio.to_thread(ready_engine.warm_up, settings.max_batch_size, settings.warmup_rounds)
+        shapes = served_shapes(ready_engine.input_size)
+        timings = await asyncio.to_thread(ready_engine.warm_up, shapes, settings.max_batch_size, settings.warmup_rounds)
+        state.batch_policy = policy = BatchPolicy(settings.max_batch_size, timings)
+        log.info("batch policy", extra={"batch_policy": policy.describe()})
         batcher = DynamicBatcher(
             run_batch=batch_runner(ready_engine),
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             observer=_observer(metrics),
+            group_key=lambda image: tuple(image.shape[1:]),  # (3, H, W) -> (H, W): a batch holds one input shape
+            batch_sizes=policy.batch_sizes,
         )
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         state.pipeline = Pipeline(settings, ready_engine, batcher, metrics, decode_pool, _admission(settings, metrics))

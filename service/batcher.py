@@ -1,7 +1,10 @@
 """Dynamic batching: an asyncio queue in front of one inference thread. Knows nothing of images or models.
 
-A batch closes when it holds ``max_batch_size`` items or when its oldest item has waited ``max_wait_s``.
-``run_batch`` (a plain function) runs in a single worker thread so the event loop never blocks. Guarantees:
+Items batch together only when their ``group_key`` is equal (the pipeline's key is the input's shape). A batch is
+formed from the oldest item's key, so no item waits behind a newer one of another key. It closes when it holds the
+largest size ``batch_sizes(key)`` allows (at most ``max_batch_size``) or when its oldest item has waited
+``max_wait_s``, and then runs the largest allowed size that is waiting. ``run_batch`` (a plain function) runs in a
+single worker thread so the event loop never blocks. Guarantees:
 
 - bounded: :meth:`submit` refuses at once with :class:`QueueFull` (and a Retry-After) when the queue is full;
 - deadlines: an item whose deadline passes while queued is dropped before compute (:class:`DeadlineExceeded`);
@@ -17,7 +20,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -35,6 +38,7 @@ class Pending(Generic[Item]):
     """One queued item and the future its caller awaits."""
 
     item: Item
+    key: Hashable  # the batcher's group_key(item)
     future: asyncio.Future
     enqueued_at: float
     deadline: float
@@ -59,6 +63,11 @@ class DynamicBatcher(Generic[Item, Result]):
     max_wait_s: float
     max_queue: int
     observer: BatchObserver = field(default_factory=BatchObserver)
+    # Items of equal keys may share a batch; by default, all of them.
+    group_key: Callable[[Item], Hashable] = lambda item: None
+    # The batch sizes a key may run at, ascending, starting at 1; sizes above max_batch_size are never run.
+    # By default every size up to max_batch_size.
+    batch_sizes: Callable[[Hashable], Sequence[int]] | None = None
     _queue: collections.deque = field(default_factory=collections.deque, init=False)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # set while nothing is queued or running
@@ -103,7 +112,7 @@ class DynamicBatcher(Generic[Item, Result]):
             retry = self.retry_after_seconds()
             raise QueueFull(f"the queue is full ({self.max_queue}); retry in {retry} s", {"Retry-After": str(retry)})
         now = time.monotonic()
-        pending = Pending(item, asyncio.get_running_loop().create_future(), now, deadline)
+        pending = Pending(item, self.group_key(item), asyncio.get_running_loop().create_future(), now, deadline)
         self._queue.append(pending)
         self._idle.clear()
         self.observer.queue_depth(len(self._queue))
@@ -120,7 +129,8 @@ class DynamicBatcher(Generic[Item, Result]):
         raise DeadlineExceeded("the request waited past its deadline in the queue")
 
     async def _next_batch(self) -> list[Pending]:
-        """Wait for the first live item, then until the batch is full or its oldest item has waited max_wait."""
+        """Wait for the first live item, then until its key's batch is full or the item has waited max_wait; take
+        the largest allowed size of that key's items that are waiting, oldest first."""
         while True:
             self._discard_abandoned()
             if self._queue:
@@ -128,21 +138,38 @@ class DynamicBatcher(Generic[Item, Result]):
             self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
-        close_at = self._queue[0].enqueued_at + self.max_wait_s
-        while len(self._queue) < self.max_batch_size and (remaining := close_at - time.monotonic()) > 0:
+        oldest = self._queue[0]
+        sizes = self._allowed_sizes(oldest.key)
+        close_at = oldest.enqueued_at + self.max_wait_s
+        while self._waiting(oldest.key) < sizes[-1] and (remaining := close_at - time.monotonic()) > 0:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
             except TimeoutError:
                 break
             self._discard_abandoned()
-        batch = []
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
-            if not pending.abandoned:
+        if not self._queue:
+            return []
+        key = self._queue[0].key  # the oldest may have left while the batch filled
+        waiting = self._waiting(key)
+        size = max(size for size in self._allowed_sizes(key) if size <= waiting)
+        batch, kept = [], collections.deque()
+        for pending in self._queue:
+            if len(batch) < size and pending.key == key:
                 batch.append(pending)
+            else:
+                kept.append(pending)
+        self._queue = kept
         self.observer.queue_depth(len(self._queue))
         return batch
+
+    def _allowed_sizes(self, key: Hashable) -> list[int]:
+        """The sizes ``key`` may run at, ascending, within ``max_batch_size``; 1 always among them."""
+        allowed = range(1, self.max_batch_size + 1) if self.batch_sizes is None else self.batch_sizes(key)
+        return sorted({1, *(size for size in allowed if 1 <= size <= self.max_batch_size)})
+
+    def _waiting(self, key: Hashable) -> int:
+        return sum(1 for pending in self._queue if pending.key == key)
 
     def _discard_abandoned(self) -> None:
         """Drop items whose caller has gone, and fail items already past their deadline (before compute)."""

@@ -51,8 +51,10 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(None, description="bundle directory or ultralytics .pt; default: bundled model")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; auto picks cuda when present")
     half: bool | None = Field(None, description="fp16 inference; default: on for CUDA, off on CPU")
-    input_size: int | None = Field(None, ge=32, le=2048, description="square model input; default: the model's")
-    max_batch_size: int = Field(8, ge=1, le=64)
+    input_size: int | None = Field(
+        None, ge=32, le=2048, description="side images are fitted into, padded to multiples of 32; default: the model's"
+    )
+    max_batch_size: int = Field(8, ge=1, le=64, description="upper bound; warm-up measures which sizes pay")
     # 0: a batch takes whatever queued while the previous one ran (measured best on CPU, bench/README.md);
     # a few ms can pay on a GPU, where a fuller batch costs little more than a small one.
     max_batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch waits to fill, from its oldest")
@@ -80,7 +82,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, requests need X-API-Key or a Bearer token")
     metrics_require_key: bool = Field(False, description="put /metrics behind the API key too; probes stay open")
     cors_origins: list[str] = Field([], description="origins browsers may call the API from; empty: CORS off")
-    warmup_rounds: int = Field(1, ge=0, le=20, description="warm-up forwards at each batch size before ready")
+    warmup_rounds: int = Field(
+        1, ge=0, le=20, description="timed warm-up forwards per batch size and shape (batch policy); 0: not measured"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
+from service.batch_policy import BatchPolicy
 from service.config import Settings
 from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized
 from service.metrics import Metrics
@@ -21,6 +22,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     pipeline: Pipeline | None = None
+    batch_policy: BatchPolicy | None = None
     ready: bool = False
     draining: bool = False
 

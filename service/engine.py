@@ -2,8 +2,9 @@
 
 Knows nothing of HTTP or queues. :class:`EngineProtocol` is the contract the rest of the service holds an engine to
 (tests run the HTTP layer against a fake that honours it); :class:`Engine` is the real one. Rows are
-:class:`model.Detector`'s: images (B, 3, S, S) in [0, 1] -> (B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in
-input pixels, from the one-to-one head, sorted by score, no NMS.
+:class:`model.Detector`'s: images (B, 3, H, W) in [0, 1], H and W multiples of 32 (one shape per batch) ->
+(B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in input pixels, from the one-to-one head, sorted by score, no
+NMS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from model import Detector, akconv_layers, fuse_for_inference, load
 from model.checkpoint import ModelMetadata
+from service.batch_policy import Shape, Timings, measure
 from service.config import Settings
 from service.images import Letterbox, unletterbox_boxes
 from service.schemas import Detection
@@ -48,7 +50,7 @@ class EngineProtocol(Protocol):
 
     @property
     def input_size(self) -> int:
-        """Side S of the square model input, pixels."""
+        """Side S of the square an image is fitted into, pixels (its input is at most S × S)."""
 
     @property
     def device(self) -> str:
@@ -64,12 +66,14 @@ class EngineProtocol(Protocol):
     @property
     def parameters(self) -> int: ...
 
-    def warm_up(self, max_batch_size: int, rounds: int) -> None:
-        """Run every batch size up to ``max_batch_size``, ``rounds`` times each, before traffic."""
+    def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
+        """Before traffic: time the forward of each input shape (height, width) at batch sizes up to
+        ``max_batch_size`` (:func:`service.batch_policy.measure`). Returns its timings; nothing is run when
+        ``rounds`` is 0."""
 
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Args: images, each uint8 (3, S, S). Returns: float32 CPU tensor (B, K, 6), rows as in the module
-        docstring."""
+        """Args: images, each uint8 (3, H, W), all of one shape. Returns: float32 CPU tensor (B, K, 6), rows as in
+        the module docstring."""
 
     def detections(
         self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
@@ -147,18 +151,19 @@ class Engine:
     def dtype(self) -> str:
         return str(self.torch_dtype).removeprefix("torch.")
 
-    def warm_up(self, max_batch_size: int, rounds: int) -> None:
-        """Run every batch size the batcher can form, so kernels and allocator pools are ready before traffic."""
-        for batch_size in range(1, max_batch_size + 1):
-            images = [torch.full((3, self.input_size, self.input_size), 114, dtype=torch.uint8)] * batch_size
-            for _ in range(rounds):
-                self.infer(images)
-        log.info("warmed up", extra={"batch_sizes": max_batch_size, "rounds": rounds})
+    def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
+        """Time grey images of each shape at each batch size, which also readies kernels and allocator pools."""
+
+        def forward(shape: Shape, batch_size: int) -> None:
+            self.infer([torch.full((3, *shape), 114, dtype=torch.uint8)] * batch_size)
+
+        return measure(forward, shapes, max_batch_size, rounds)
 
     @torch.inference_mode()
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Args: images, each uint8 (3, S, S). Returns: float32 CPU tensor (B, K, 6), see the module docstring."""
-        batch = torch.stack(images)  # (B, 3, S, S) uint8
+        """Args: images, each uint8 (3, H, W), all of one shape. Returns: float32 CPU tensor (B, K, 6), see the
+        module docstring."""
+        batch = torch.stack(images)  # (B, 3, H, W) uint8
         if self.torch_device.type == "cuda":
             batch = batch.pin_memory().to(self.torch_device, non_blocking=True)
         batch = batch.to(self.torch_dtype).div_(255).contiguous(memory_format=torch.channels_last)

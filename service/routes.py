@@ -205,7 +205,7 @@ async def readyz(pipeline: PipelineDep) -> Health:
 
 
 @ops_router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)])
-async def model_info(pipeline: PipelineDep) -> ModelInfo:
+async def model_info(pipeline: PipelineDep, state: StateDep) -> ModelInfo:
     engine = pipeline.engine
     return ModelInfo(
         name=engine.name,
@@ -221,6 +221,7 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
         weights_sha256=engine.metadata.weights_sha256 or engine.metadata.provenance.get("source", {}).get("sha256"),
         checksum=engine.checksum,
         provenance=engine.metadata.provenance,
+        batch_policy=state.batch_policy.describe(),
     )
 
 

@@ -108,7 +108,10 @@ class ModelInfo(BaseModel):
     version: str
     description: str = Field(description="what the model finds, in a sentence")
     classes: list[str]
-    input_size: int
+    input_size: int = Field(
+        description="side of the square an image is fitted into; the input itself is the smallest "
+        "multiple of 32 that holds the fitted image (640 x 480 for a 4:3 photo at 640)"
+    )
     device: str
     dtype: str
     akconv_layers: int
@@ -119,6 +122,10 @@ class ModelInfo(BaseModel):
     provenance: dict[str, Any] = Field(
         description="source (file and sha256, or config and starting weights), data, epochs, val_metrics, date, "
         "project_version, training details"
+    )
+    batch_policy: dict[str, Any] = Field(
+        description="batch sizes by input shape: source (measured at warm-up, or configured when warm-up rounds are "
+        "0), max_batch_size, and per shape its allowed batch_sizes and the measured ms and images/s per batch size"
     )
 
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from model.checkpoint import ModelMetadata
 from service.app import create_app
+from service.batch_policy import Shape, Timings
 from service.config import Settings
 from service.engine import detections_from_rows
 from service.images import Letterbox
@@ -46,14 +47,18 @@ class FakeEngine:
         self.fail = False
         self.entered = 0
         self.batches: list[int] = []
+        self.shapes: list[tuple[int, ...]] = []  # the input shapes of each batch run
+        self.timings: Timings = {}
 
-    def warm_up(self, max_batch_size: int, rounds: int) -> None:
-        pass
+    def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
+        """``timings`` as if measured, or nothing when ``rounds`` is 0."""
+        return self.timings if rounds else {}
 
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
         self.entered += 1
         self.gate.wait(30)
         self.batches.append(len(images))
+        self.shapes.append(tuple({tuple(image.shape) for image in images}))
         if self.fail:
             raise RuntimeError("injected fault")
         rows = torch.zeros(len(images), 4, 6)  # (B, K, 6)
@@ -71,7 +76,7 @@ class FakeEngine:
 
 def fake_settings(**values: object) -> Settings:
     """Settings for an in-process app: the defaults, no warm-up, ``values`` over them."""
-    return Settings(warmup_rounds=0, **values)
+    return Settings(**{"warmup_rounds": 0, **values})
 
 
 @contextlib.asynccontextmanager

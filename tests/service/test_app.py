@@ -124,3 +124,52 @@ def test_a_nul_in_the_query_is_answered_json_400_over_a_socket():
                 answer += more
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"content-type: application/json" in answer
+
+
+def test_a_batch_holds_images_of_one_input_shape_and_runs_only_the_policys_sizes():
+    """Square, landscape and portrait photos queue together while a batch runs; each later batch is one shape, and
+    for the measured shapes (batch 2 loses on the square, wins on 2:1) only winning sizes run."""
+    engine = FakeEngine()
+    engine.timings = {(64, 64): {1: 0.1, 2: 0.25}, (32, 64): {1: 0.1, 2: 0.15}}
+    square, landscape, portrait = (
+        encode(np.full(shape, 90, dtype=np.uint8)) for shape in [(64, 64, 3), (20, 40, 3), (40, 20, 3)]
+    )
+
+    async def scenario():
+        async with app_client(fake_settings(warmup_rounds=1, max_batch_size=4), engine) as (client, app):
+            engine.gate.clear()
+            first = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", square)}))
+            while not engine.entered:
+                await asyncio.sleep(0.01)
+            images = [square, landscape, portrait, landscape, square, portrait]
+            queued = [
+                asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", image)})) for image in images
+            ]
+            while app.state.service.pipeline.batcher.depth < len(images):
+                await asyncio.sleep(0.01)
+            engine.gate.set()
+            responses = await asyncio.gather(first, *queued)
+            info = (await client.get("/v1/model")).json()
+            return responses, info
+
+    responses, info = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert all(response.status_code == 200 for response in responses)
+    assert all(len(shapes) == 1 for shapes in engine.shapes), engine.shapes
+    batches = list(zip(engine.shapes, engine.batches, strict=True))
+    assert ((3, 64, 64),) in engine.shapes and ((3, 32, 64),) in engine.shapes and ((3, 64, 32),) in engine.shapes, (
+        engine.shapes
+    )
+    assert all(size == 1 for shapes, size in batches if shapes == ((3, 64, 64),)), "batch 2 loses on the square"
+    assert [size for shapes, size in batches if shapes == ((3, 32, 64),)] == [2], "and wins on 2:1"
+    policy = info["batch_policy"]
+    assert policy["source"] == "measured" and policy["max_batch_size"] == 4
+    assert {(s["height"], s["width"]): s["batch_sizes"] for s in policy["shapes"]} == {(64, 64): [1], (32, 64): [1, 2]}
+
+
+def test_without_warm_up_rounds_the_configured_batch_sizes_run_and_v1_model_says_so():
+    async def scenario():
+        async with app_client(fake_settings(max_batch_size=4)) as (client, _):
+            return (await client.get("/v1/model")).json()["batch_policy"]
+
+    policy = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert policy["source"] == "configured" and "not measured" in policy["note"] and policy["max_batch_size"] == 4

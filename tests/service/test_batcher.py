@@ -34,9 +34,9 @@ class Recorder(BatchObserver):
         super().__init__(queue_depth=self.depths.append, batch=lambda size, seconds: self.sizes.append(size))
 
 
-def make(model, max_batch_size=4, max_wait_s=0.05, max_queue=16):
+def make(model, max_batch_size=4, max_wait_s=0.05, max_queue=16, **grouping):
     recorder = Recorder()
-    batcher = DynamicBatcher(model, max_batch_size, max_wait_s, max_queue, observer=recorder)
+    batcher = DynamicBatcher(model, max_batch_size, max_wait_s, max_queue, observer=recorder, **grouping)
     batcher.start()
     return batcher, recorder
 
@@ -190,3 +190,45 @@ def test_wrong_result_count_fails_the_batch():
         return results
 
     assert all(isinstance(r, InferenceFailed) for r in run(scenario()))
+
+
+def batches_after_a_blocker(items, **batcher_options):
+    """The batches run when ``items`` queue while item 0 holds the worker (so they are all waiting together)."""
+
+    async def scenario():
+        model = FakeModel()
+        model.gate.clear()
+        batcher, _ = make(model, max_wait_s=0, **batcher_options)
+        blocker = asyncio.ensure_future(batcher.submit(0, far()))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in items]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        results = await asyncio.gather(blocker, *queued)
+        await batcher.stop()
+        return model.batches, results
+
+    batches, results = run(scenario())
+    assert results == [0, *(2 * i for i in items)]
+    return batches
+
+
+def test_items_of_different_keys_never_share_a_batch_and_the_oldest_key_goes_first():
+    batches = batches_after_a_blocker([1, 2, 3, 4], max_batch_size=4, group_key=lambda item: item % 2)
+    assert batches == [[0], [1, 3], [2, 4]]
+
+
+def test_an_item_of_a_rare_key_does_not_wait_behind_newer_items_of_another():
+    batches = batches_after_a_blocker([1, 2, 4, 6, 8, 10, 12], max_batch_size=4, group_key=lambda item: item % 2)
+    assert batches == [[0], [1], [2, 4, 6, 8], [10, 12]]
+
+
+def test_only_allowed_batch_sizes_run():
+    """Three waiting, sizes 1, 2 and 4 allowed: a batch of 2, then 1, never 3."""
+    batches = batches_after_a_blocker([1, 2, 3], max_batch_size=4, batch_sizes=lambda key: (1, 2, 4))
+    assert batches == [[0], [1, 2], [3]]
+
+
+def test_max_batch_size_bounds_the_allowed_sizes():
+    batches = batches_after_a_blocker([1, 2, 3], max_batch_size=2, batch_sizes=lambda key: (1, 3))
+    assert batches == [[0], [1], [2], [3]]

@@ -4,7 +4,7 @@ from PIL import Image
 
 from model.synthetic import render
 from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
-from service.images import Decoded, decode, letterbox, unletterbox_boxes
+from service.images import Decoded, decode, letterbox, letterbox_shape, unletterbox_boxes
 from tests.image_files import encode
 
 LIMIT = 10_000_000
@@ -97,20 +97,35 @@ def test_bad_input_raises_typed_errors(data, error):
         decode(data, LIMIT)
 
 
-@pytest.mark.parametrize("shape", [(30, 40), (40, 30), (64, 64), (500, 120)])
-def test_letterbox_then_unletterbox_round_trips_boxes(shape):
+@pytest.mark.parametrize(
+    ("shape", "input_shape"), [((30, 40), (64, 64)), ((20, 40), (32, 64)), ((40, 20), (64, 32)), ((500, 120), (64, 32))]
+)
+def test_letterbox_then_unletterbox_round_trips_boxes(shape, input_shape):
     height, width = shape
     tensor, geometry = letterbox(as_decoded(np.zeros((height, width, 3), np.uint8)), 64)
-    assert tuple(tensor.shape) == (3, 64, 64) and (geometry.width, geometry.height) == (width, height)
+    assert tuple(tensor.shape) == (3, *input_shape) and (geometry.width, geometry.height) == (width, height)
     boxes = np.array([[0.0, 0.0, width, height], [width / 4, height / 4, width / 2, height / 2]])
     in_model = boxes * geometry.scale + [geometry.pad_x, geometry.pad_y, geometry.pad_x, geometry.pad_y]
     np.testing.assert_allclose(unletterbox_boxes(in_model, geometry), boxes, atol=1e-6)
 
 
-def test_letterbox_pads_with_grey_around_the_centred_image():
-    tensor, geometry = letterbox(as_decoded(np.full((32, 64, 3), 255, np.uint8)), 64)
-    assert geometry.pad_y == 16 and geometry.pad_x == 0
-    assert tensor[:, :16].eq(114).all() and tensor[:, 16:48].eq(255).all() and tensor[:, 48:].eq(114).all()
+def test_letterbox_pads_with_grey_around_the_centred_image_up_to_a_stride_multiple():
+    tensor, geometry = letterbox(as_decoded(np.full((20, 64, 3), 255, np.uint8)), 64)
+    assert tuple(tensor.shape) == (3, 32, 64) and geometry.pad_y == 6 and geometry.pad_x == 0
+    assert tensor[:, :6].eq(114).all() and tensor[:, 6:26].eq(255).all() and tensor[:, 26:].eq(114).all()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "size", "shape"),
+    [
+        (1280, 720, 640, (384, 640)),
+        (810, 1080, 640, (640, 480)),
+        (640, 480, 640, (480, 640)),
+        (500, 500, 384, (384, 384)),
+    ],
+)
+def test_letterbox_shape_is_the_smallest_stride_multiple_that_holds_the_image(width, height, size, shape):
+    assert letterbox_shape(width, height, size) == shape
 
 
 def test_unletterbox_clips_to_the_image():
