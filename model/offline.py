@@ -36,13 +36,11 @@ def configure() -> None:
 
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
-    pillow_open = Image.open
     user_omp_threads = os.environ.get("OMP_NUM_THREADS")
 
-    import ultralytics.utils.patches  # noqa: F401  (patches Image.open)
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import SETTINGS, patches  # patches Image.open
 
-    Image.open = pillow_open
+    Image.open = patches._image_open  # Pillow's own, as ultralytics kept it (even if it was imported before this)
     if user_omp_threads is None:
         os.environ.pop("OMP_NUM_THREADS", None)
         torch.set_num_threads(usable_cores())

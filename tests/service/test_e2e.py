@@ -99,7 +99,7 @@ def test_real_photo_answers_with_the_documented_shape(server):
     assert response.status_code == 200
     body = response.json()
     assert body["image"] == {"width": 810, "height": 1080}
-    assert set(body) == {"request_id", "model", "image", "detections", "timings_ms", "batch_size"}
+    assert set(body) == {"request_id", "file", "model", "image", "detections", "timings_ms", "batch_size"}
     assert set(body["timings_ms"]) == {"queue", "preprocess", "inference", "postprocess", "total"}
     assert body["request_id"] == response.headers["x-request-id"]
     for detection in body["detections"]:
