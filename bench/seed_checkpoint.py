@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.peers.export_pt import write_checkpoint
 from bench.peers.recipe import register_recipe_akconv
 from model.build import CONFIG_DIR  # importing ``model`` first makes ultralytics offline (model.offline)
 
@@ -51,10 +52,7 @@ def save_recipe_checkpoint(out: str | Path, size: int = 640) -> Path:
         "optimizer": None,
         "train_args": {"task": "detect", "imgsz": size, "data": "random weights, for speed measurements only"},
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
+    return write_checkpoint(checkpoint, out)
 
 
 def main(argv: list[str] | None = None) -> None:

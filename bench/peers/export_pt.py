@@ -33,6 +33,11 @@ def export_pt(out: str | Path, bundle: str | Path | None = None) -> Path:
         "train_args": {"imgsz": metadata.input_size, "task": "detect", "data": metadata.name},
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    return write_checkpoint(checkpoint, out)
+
+
+def write_checkpoint(checkpoint: dict, out: str | Path) -> Path:
+    """``torch.save`` ``checkpoint`` at ``out`` (folders made as needed); returns the path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out)
