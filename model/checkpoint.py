@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from ultralytics.nn.tasks import DetectionModel
 
@@ -121,6 +122,10 @@ class ModelMetadata:
         shown = ", ".join(self.names[:20]) + (f" and {len(self.names) - 20} more" if len(self.names) > 20 else "")
         return f"Finds {len(self.names)} classes: {shown}."
 
+    def sha256(self) -> str | None:
+        """The sha256 of what the model was loaded from: a bundle's weights file, or the ``.pt`` it came from."""
+        return self.weights_sha256 or (self.provenance.get("source") or {}).get("sha256")
+
     def recorded_map50(self) -> float | None:
         """The validation mAP50 training recorded, if any."""
         value = (self.provenance.get("val_metrics") or {}).get("mAP50")
@@ -137,7 +142,6 @@ class LoadedModel:
 
     model: DetectionModel
     metadata: ModelMetadata
-    source: Path
     checksum: str
 
 
@@ -319,24 +323,25 @@ def _check_config(config: dict[str, Any], source: Path) -> None:
         raise RefusedModel(f"{source}: refused: {error}") from None
 
 
-def verify_checksum(bundle: Path, metadata: ModelMetadata) -> str:
-    """``"verified"`` or ``"not recorded"`` (format 1); raises :class:`CorruptModel` on a mismatch."""
-    if metadata.weights_sha256 is None:
+def verify_checksum(path: Path, data: bytes, recorded: str | None) -> str:
+    """``"verified"`` when ``data`` (the weights file at ``path``) hashes to ``recorded``, ``"not recorded"`` when
+    there is nothing to compare (format 1); raises :class:`CorruptModel` on a mismatch."""
+    if recorded is None:
         return "not recorded"
-    actual = file_sha256(bundle / WEIGHTS_FILE)
-    if actual != metadata.weights_sha256:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded:
         raise CorruptModel(
-            f"{bundle / WEIGHTS_FILE}: sha256 {actual} does not match {metadata.weights_sha256} recorded in "
-            f"{METADATA_FILE}: the weights are damaged or were replaced; copy or re-export the bundle"
+            f"{path}: sha256 {actual} does not match {recorded} recorded in {METADATA_FILE}: the weights are damaged "
+            "or were replaced; copy or re-export the bundle"
         )
     return "verified"
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes (``data``, read from ``path``)."""
     try:
-        with safe_open(path, framework="pt") as weights:
-            return {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as error:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
         raise CorruptModel(f"{path} could not be read ({error}); the file is damaged: copy or re-export it") from None
 
 
@@ -371,7 +376,7 @@ def _rebuild(metadata: ModelMetadata, state_dict: dict[str, torch.Tensor], sourc
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     model.names = dict(enumerate(metadata.names))
-    return LoadedModel(model.float().eval(), metadata, source, checksum)
+    return LoadedModel(model.float().eval(), metadata, checksum)
 
 
 def load_bundle(path: str | Path) -> LoadedModel:
@@ -385,13 +390,15 @@ def load_bundle(path: str | Path) -> LoadedModel:
             "(or give an ultralytics .pt; python -m model convert makes a bundle of one)"
         )
     metadata = read_metadata(bundle)
-    checksum = verify_checksum(bundle, metadata)
+    weights = bundle / WEIGHTS_FILE
+    data = weights.read_bytes()  # read once: hashed, then parsed
+    checksum = verify_checksum(weights, data, metadata.weights_sha256)
     if checksum == "not recorded":
         log.warning(
             "bundle has no weights checksum (format 1): its integrity is not verified; re-save it to add one",
             extra={"bundle": str(bundle)},
         )
-    return _rebuild(metadata, _read_tensors(bundle / WEIGHTS_FILE), bundle / WEIGHTS_FILE, checksum)
+    return _rebuild(metadata, _read_tensors(weights, data), weights, checksum)
 
 
 class _Stub:
@@ -584,7 +591,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "akconv_indexing": metadata.akconv_indexing,
         "akconv_layers": sum(row[2] == "AKConv" for row in metadata.config["backbone"] + metadata.config["head"]),
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "weights_sha256": metadata.weights_sha256 or (metadata.provenance.get("source") or {}).get("sha256"),
+        "weights_sha256": metadata.sha256(),
         "checksum": loaded.checksum,
         "provenance": metadata.provenance,
     }

@@ -218,7 +218,7 @@ async def model_info(pipeline: PipelineDep, state: StateDep) -> ModelInfo:
         akconv_layers=engine.akconv_layers,
         akconv_indexing=engine.metadata.akconv_indexing,
         parameters=engine.parameters,
-        weights_sha256=engine.metadata.weights_sha256 or engine.metadata.provenance.get("source", {}).get("sha256"),
+        weights_sha256=engine.metadata.sha256(),
         checksum=engine.checksum,
         provenance=engine.metadata.provenance,
         batch_policy=state.batch_policy.describe(),
