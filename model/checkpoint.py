@@ -354,10 +354,7 @@ def _head_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
 
 
 def _rebuild(metadata: ModelMetadata, state_dict: dict[str, torch.Tensor], source: Path, checksum: str) -> LoadedModel:
-    try:
-        model = build_model(metadata.config, indexing=metadata.akconv_indexing)
-    except ConfigError as error:
-        raise RefusedModel(f"{source}: refused: {error}") from None
+    model = build_model(metadata.config, indexing=metadata.akconv_indexing)  # its config passed _check_config
     expected = model.state_dict()
     classes = _head_classes(state_dict)
     if classes is not None and classes != metadata.config["nc"]:

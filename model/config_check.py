@@ -64,15 +64,13 @@ MAX_NUMBER = 65536  # any number in a row's arguments
 AKCONV_MAX_POINTS = 64
 MAX_STRING = 256
 
-_number = (int, float)
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, _number) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _int_in(low: int, high: int) -> Callable[[Any], bool]:

@@ -48,14 +48,14 @@ def annotated_path(image: Path, out_dir: Path) -> Path:
 def write_new(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path``, or to ``path`` with ``-1``, ``-2``... added when it exists; never overwrites."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for candidate in itertools.chain([path], (path.with_stem(f"{path.stem}-{n}") for n in itertools.count(1))):
+    for number in itertools.count():
+        candidate = path.with_stem(f"{path.stem}-{number}") if number else path
         try:
             with candidate.open("xb") as out:  # exclusive: fails if the file exists, even if made meanwhile
                 out.write(data)
             return candidate
         except FileExistsError:
             continue
-    raise AssertionError("unreachable")
 
 
 async def _detect_all(
