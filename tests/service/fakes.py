@@ -3,6 +3,7 @@ subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
@@ -49,6 +50,12 @@ class FakeEngine:
         self.batches: list[int] = []
         self.shapes: list[tuple[int, ...]] = []  # the input shapes of each batch run
         self.timings: Timings = {}
+
+    async def batch_started(self, timeout: float = 10) -> None:
+        """Return once a batch has entered :meth:`infer` (where ``gate`` holds it); fail after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not self.entered:
+                await asyncio.sleep(0.01)
 
     def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
         """``timings`` as if measured, or nothing when ``rounds`` is 0."""

@@ -84,8 +84,7 @@ def test_requests_in_flight_beyond_the_budget_are_refused_at_once():
         async with app_client(fake_settings(max_inflight_requests=1), engine) as (client, _):
             engine.gate.clear()
             held = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", PNG)}))
-            while not engine.entered:
-                await asyncio.sleep(0.01)
+            await engine.batch_started()
             refused = await client.post("/detect", files={"file": ("b.png", PNG)})
             during = (await client.get("/metrics")).text
             engine.gate.set()
@@ -114,8 +113,7 @@ def test_declared_bodies_are_reserved_before_they_are_read_and_multipart_counts_
         async with app_client(settings, engine) as (client, _):
             engine.gate.clear()
             held = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", NOISE)}))
-            while not engine.entered:
-                await asyncio.sleep(0.01)
+            await engine.batch_started()
             during = (await client.get("/metrics")).text
             headers = {"content-type": "image/png", "content-length": "3000"}
             refused = await client.post("/detect", content=never_read(), headers=headers)
@@ -171,8 +169,7 @@ def test_decode_pixels_beyond_the_budget_are_refused_and_a_request_keeps_its_dra
         async with app_client(settings, engine) as (client, _):
             engine.gate.clear()
             drawing = asyncio.ensure_future(client.post("/detect/annotated", files={"file": ("a.png", PNG)}))
-            while not engine.entered:
-                await asyncio.sleep(0.01)
+            await engine.batch_started()
             during = (await client.get("/metrics")).text
             refused = await client.post("/detect", files={"file": ("b.png", png(100, 90))})
             engine.gate.set()

@@ -139,8 +139,7 @@ def test_a_batch_holds_images_of_one_input_shape_and_runs_only_the_policys_sizes
         async with app_client(fake_settings(warmup_rounds=1, max_batch_size=4), engine) as (client, app):
             engine.gate.clear()
             first = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", square)}))
-            while not engine.entered:
-                await asyncio.sleep(0.01)
+            await engine.batch_started()
             images = [square, landscape, portrait, landscape, square, portrait]
             queued = [
                 asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", image)})) for image in images

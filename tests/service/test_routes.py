@@ -158,8 +158,7 @@ def test_full_queue_is_503_with_retry_after_and_the_deadline_504():
             engine.gate.clear()
             batcher = app.state.service.pipeline.batcher
             running = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", PNG)}))
-            while not engine.entered:
-                await asyncio.sleep(0.01)
+            await engine.batch_started()
             queued = asyncio.ensure_future(client.post("/detect", files={"file": ("b.png", PNG)}))
             while not batcher.depth:
                 await asyncio.sleep(0.01)
