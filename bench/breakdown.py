@@ -28,11 +28,13 @@ HISTOGRAMS = ("detector_preprocess_duration_seconds", "detector_inference_durati
 
 
 def histogram_totals(url: str) -> dict[str, float]:
-    """``{name_sum: ..., name_count: ...}`` of the histograms above, from one scrape."""
-    totals = {}
+    """``{name_sum: ..., name_count: ...}`` of the histograms above (summed over served models), from one scrape."""
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
         if family.name in HISTOGRAMS:
-            totals |= {s.name: s.value for s in family.samples if s.name.endswith(("_sum", "_count"))}
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
 
 

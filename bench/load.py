@@ -147,7 +147,8 @@ class Histogram:
 
 
 async def scrape_histogram(client: httpx.AsyncClient, metrics_url: str, name: str) -> Histogram | None:
-    """The histogram ``name`` from a Prometheus endpoint; ``None`` when there is no such endpoint or metric."""
+    """The histogram ``name`` from a Prometheus endpoint, summed over its label sets; ``None`` when there is no such
+    endpoint or metric."""
     try:
         response = await client.get(metrics_url)
     except httpx.HTTPError:
@@ -158,13 +159,14 @@ async def scrape_histogram(client: httpx.AsyncClient, metrics_url: str, name: st
         if family.name != name or family.type != "histogram":
             continue
         buckets, count, total = {}, 0.0, 0.0
-        for sample in family.samples:
+        for sample in family.samples:  # summed over the served models (label "model")
             if sample.name == f"{name}_bucket":
-                buckets[float(sample.labels["le"])] = sample.value
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
             elif sample.name == f"{name}_count":
-                count = sample.value
+                count += sample.value
             elif sample.name == f"{name}_sum":
-                total = sample.value
+                total += sample.value
         return Histogram(buckets, count, total)
     return None
 

@@ -11,6 +11,7 @@ used exits with its kind's status (``model/README.md``).
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 from typing import NoReturn
@@ -24,6 +25,7 @@ from service.app import create_app
 from service.config import Settings, settings_from_cli
 from service.engine import Engine
 from service.logs import configure_logging
+from service.models import model_sources
 from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
 
 log = logging.getLogger(__name__)
@@ -42,17 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:
         fail(STARTUP_FAILURE, f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
     configure_logging(settings.log_level)
-    serve(create_app(settings, load_engine(settings)), settings, listener)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while the models load; reloads them once serving
+    serve(create_app(settings, load_engines(settings)), settings, listener)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The model on its device, before the server starts. A model file that cannot be used ends the process with
-    one plain line on stderr and its kind's exit status (``model/README.md``); the traceback only at debug level."""
-    try:
-        return Engine(settings)
-    except CheckpointError as error:
-        log.debug("the model could not be loaded", exc_info=True)
-        fail(error.exit_status, str(error))
+def load_engines(settings: Settings) -> list[Engine]:
+    """Every served model on its device, before the server starts. A model file that cannot be used ends the
+    process with one plain line on stderr (naming the model, when several are served) and its kind's exit status
+    (``model/README.md``); the traceback only at debug level."""
+    engines = []
+    for source in model_sources(settings):
+        try:
+            engines.append(Engine(settings, source.path))
+        except CheckpointError as error:
+            log.debug("the model could not be loaded", exc_info=True)
+            fail(error.exit_status, f"model {source.name}: {error}" if source.name else str(error))
+    return engines
 
 
 def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
@@ -66,14 +73,19 @@ def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
 
 
 def draining_server(app: FastAPI, settings: Settings) -> ServiceServer:
-    """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives."""
+    """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives, and
+    reloading its models on SIGHUP (:mod:`service.models`)."""
     state = app.state.service
 
     def drop_readiness() -> None:
         state.draining = True
         state.set_ready(False)
 
-    return ServiceServer(uvicorn_config(app, settings), on_stop_signal=drop_readiness)
+    def reload_models() -> None:
+        if state.models is not None and not state.draining:  # None: still starting; its files are being read
+            state.models.reload_all_soon()
+
+    return ServiceServer(uvicorn_config(app, settings), on_stop_signal=drop_readiness, on_reload_signal=reload_models)
 
 
 def describe_settings_error(error: ValidationError | SettingsError) -> str:

@@ -1,7 +1,8 @@
 """``create_app(settings)``: builds the FastAPI app: routers, error mapping, request observation, lifespan.
 
-Lifespan: load and warm up the engine (start-up fails loudly on a bad model), start the batcher, report ready.
-On shutdown: readiness goes to 503, the batcher answers everything queued, then the pools stop.
+Lifespan: load and warm up every served model (start-up fails loudly on a bad model) with its batcher
+(:mod:`service.models`), report ready. On shutdown: readiness goes to 503, the batchers answer everything queued, then
+the pools stop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,15 +26,15 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission
-from service.batch_policy import BatchPolicy, served_shapes
-from service.batcher import BatchObserver, DynamicBatcher
 from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
 from service.docs import docs_router
 from service.engine import Engine, EngineProtocol
 from service.errors import ServiceError, ShuttingDown
 from service.metrics import Metrics
-from service.pipeline import Pipeline, batch_runner
+from service.models import EngineLoader, ModelRegistry, ModelSource
+from service.oip_routes import oip_router
+from service.pipeline import Pipeline
 from service.routes import detect_router, ops_router
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """The error answer: ``{"error": {"code", "message"}}``, or the Open Inference Protocol's ``{"error": message}``
+    under ``/v2``."""
+    body = {"error": message} if path.startswith("/v2") else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _service_error(error: ServiceError) -> JSONResponse:
-    return _error(error.status, error.code, error.message, error.headers)
+def _service_error(error: ServiceError, path: str = "") -> JSONResponse:
+    return _error(error.status, error.code, error.message, error.headers, path)
 
 
 def _endpoint(scope: Scope, routes: list[Route]) -> str:
@@ -60,18 +64,6 @@ def _endpoint(scope: Scope, routes: list[Route]) -> str:
         if match is not Match.NONE:
             return candidate.path
     return "unmatched"
-
-
-def _observer(metrics: Metrics) -> BatchObserver:
-    def batch(size: int, seconds: float) -> None:
-        metrics.batch_size.observe(size)
-        metrics.inference_duration.observe(seconds)
-
-    return BatchObserver(
-        queue_depth=metrics.queue_depth.set,
-        queue_wait=metrics.queue_wait.observe,
-        batch=batch,
-    )
 
 
 def _admission(settings: Settings, metrics: Metrics) -> Admission:
@@ -123,9 +115,8 @@ class ObserveRequests:
         except asyncio.CancelledError:
             # Only the server cancels a request's task: its drain window is over. The task ends here, answered.
             if not started:
-                await _service_error(ShuttingDown("the server shut down before this request was answered"))(
-                    scope, receive, send_with_id
-                )
+                refusal = ShuttingDown("the server shut down before this request was answered")
+                await _service_error(refusal, scope["path"])(scope, receive, send_with_id)
         finally:
             endpoint = _endpoint(scope, self.routes)
             seconds = time.monotonic() - arrived
@@ -146,56 +137,45 @@ class ObserveRequests:
             )
 
 
-def create_app(settings: Settings, engine: EngineProtocol | None = None) -> FastAPI:
-    """The app for ``settings``; ``engine`` replaces the :class:`Engine` built from settings (tests use a
-    fake one, or inject faults this way)."""
+def create_app(
+    settings: Settings, engines: Sequence[EngineProtocol] = (), loader: EngineLoader | None = None
+) -> FastAPI:
+    """The app for ``settings``.
+
+    Args:
+        settings: the service's settings.
+        engines: engines already loaded for the configured models, in their order (``python -m service`` loads them
+            before it listens; tests pass fakes); the models without one are loaded at start-up.
+        loader: loads a model's file, at start-up and for each swap; default: :class:`service.engine.Engine`.
+    """
     metrics = Metrics()
     state = ServiceState(settings=settings, metrics=metrics)
+    models = ModelRegistry.for_settings(settings, metrics, loader or (lambda source: _engine(settings, source)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ready_engine = engine or await asyncio.to_thread(Engine, settings)
-        shapes = served_shapes(ready_engine.input_size)
-        timings = await asyncio.to_thread(ready_engine.warm_up, shapes, settings.max_batch_size, settings.warmup_rounds)
-        state.batch_policy = policy = BatchPolicy(settings.max_batch_size, timings)
-        log.info("batch policy", extra={"batch_policy": policy.describe()})
-        batcher = DynamicBatcher(
-            run_batch=batch_runner(ready_engine),
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_batch_wait_ms / 1000,
-            max_queue=settings.max_queue,
-            observer=_observer(metrics),
-            group_key=lambda image: tuple(image.shape[1:]),  # (3, H, W) -> (H, W): a batch holds one input shape
-            batch_sizes=policy.batch_sizes,
-        )
+        await models.start(engines)
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        state.pipeline = Pipeline(settings, ready_engine, batcher, metrics, decode_pool, _admission(settings, metrics))
-        batcher.start()
-        metrics.queue_capacity.set(settings.max_queue)
-        metrics.model_info.info(
-            {
-                "name": ready_engine.name,
-                "version": ready_engine.version,
-                "device": ready_engine.device,
-                "dtype": ready_engine.dtype,
-            }
-        )
+        state.pipeline = Pipeline(settings, metrics, decode_pool, _admission(settings, metrics))
+        state.models = models
         state.set_ready(True)
-        log.info(
-            "ready",
-            extra={
-                "model": ready_engine.name,
-                "version": ready_engine.version,
-                "device": ready_engine.device,
-                "finds": ready_engine.metadata.summary(),
-            },
-        )
+        for slot in models.slots:
+            engine = slot.live.engine
+            log.info(
+                "ready",
+                extra={
+                    "model": slot.name,
+                    "version": engine.version,
+                    "device": engine.device,
+                    "finds": engine.metadata.summary(),
+                },
+            )
         try:
             yield
         finally:
             state.draining = True
             state.set_ready(False)
-            await batcher.stop(drain=True)
+            await models.stop()
             decode_pool.shutdown(wait=True)
             log.info("stopped")
 
@@ -211,6 +191,7 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
     app.state.service = state
     app.include_router(detect_router)
     app.include_router(ops_router)
+    app.include_router(oip_router)
     app.include_router(docs_router)
     if settings.cors_origins:  # off unless configured: browsers get no cross-origin access by default
         app.add_middleware(
@@ -218,10 +199,12 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
-            expose_headers=["Retry-After", "X-Detections", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Detections", "X-Model-Version", "X-Request-ID"],
         )
     routes = [
-        route for route in (*app.router.routes, *detect_router.routes, *ops_router.routes) if isinstance(route, Route)
+        route
+        for route in (*app.router.routes, *detect_router.routes, *ops_router.routes, *oip_router.routes)
+        if isinstance(route, Route)
     ]
     app.add_middleware(ObserveRequests, metrics=metrics, routes=routes)
 
@@ -229,23 +212,23 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
         if error.rejection:
             metrics.rejected.labels(error.rejection).inc()
-        return _service_error(error)
+        return _service_error(error, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         metrics.rejected.labels("bad_input").inc()
         problems = "; ".join(_describe(problem) for problem in error.errors())
-        return _error(400, "bad_request", problems or "invalid request")
+        return _error(400, "bad_request", problems or "invalid request", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+        return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None), request.url.path)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
-        return _error(500, "internal_error", "internal server error")
+        return _error(500, "internal_error", "internal server error", path=request.url.path)
 
     return app
 
@@ -253,3 +236,7 @@ def create_app(settings: Settings, engine: EngineProtocol | None = None) -> Fast
 def _describe(problem: dict[str, Any]) -> str:
     where = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("query", "body"))
     return f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid"))
+
+
+def _engine(settings: Settings, source: ModelSource) -> Engine:
+    return Engine(settings, source.path)

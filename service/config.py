@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# A served model's name goes into URLs (/v2/models/NAME) and metric labels.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class Settings(BaseSettings):
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535)
     model_path: Path | None = Field(None, description="bundle directory or ultralytics .pt; default: bundled model")
+    models: dict[str, Path] = Field(
+        {},
+        description='several models, JSON: {"name": "bundle dir or .pt", ...}; the first is the default, '
+        "/detect?model=NAME picks another; instead of model_path",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; auto picks cuda when present")
     half: bool | None = Field(None, description="fp16 inference; default: on for CUDA, off on CPU")
     input_size: int | None = Field(
@@ -94,6 +101,17 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not MODEL_NAME.match(name):
+                raise ValueError(
+                    f"model name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                    "digit"
+                )
+        return value
+
     @field_validator("input_size")
     @classmethod
     def _multiple_of_stride(cls, value: int | None) -> int | None:
@@ -114,6 +132,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_decode_pixels ({self.max_decode_pixels}) must be >= max_image_pixels ({self.max_image_pixels})"
             )
+        if self.models and self.model_path is not None:
+            raise ValueError("set model_path (one model) or models (several), not both")
         if self.metrics_require_key and self.api_key is None:
             raise ValueError("metrics_require_key needs an api_key to require")
         return self

@@ -8,10 +8,10 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from service.batch_policy import BatchPolicy
 from service.config import Settings
 from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized
 from service.metrics import Metrics
+from service.models import ModelRegistry, ModelSlot
 from service.pipeline import DetectQuery, Pipeline
 
 
@@ -22,7 +22,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     pipeline: Pipeline | None = None
-    batch_policy: BatchPolicy | None = None
+    models: ModelRegistry | None = None
     ready: bool = False
     draining: bool = False
 
@@ -70,6 +70,26 @@ def ready_pipeline(state: StateDep) -> Pipeline:
 PipelineDep = Annotated[Pipeline, Depends(ready_pipeline)]
 
 
+def ready_models(state: StateDep, pipeline: PipelineDep) -> ModelRegistry:
+    assert state.models is not None, "ready without models"
+    return state.models
+
+
+ModelsDep = Annotated[ModelRegistry, Depends(ready_models)]
+
+
+def chosen_model(
+    models: ModelsDep,
+    model: Annotated[
+        str | None, Query(description="served model name (GET /v1/config: models); default: the first")
+    ] = None,
+) -> ModelSlot:
+    return models.get(model)
+
+
+ModelDep = Annotated[ModelSlot, Depends(chosen_model)]
+
+
 def class_id(token: str, names: list[str]) -> int:
     """The id of a class given by id (ASCII digits only: ``"²"`` and ``"١"`` are not ids) or by name."""
     token = token.strip()
@@ -83,6 +103,7 @@ def class_id(token: str, names: list[str]) -> int:
 
 def detect_query(
     state: StateDep,
+    model: ModelDep,
     conf: Annotated[float | None, Query(ge=0, le=1, description="minimum confidence; default from settings")] = None,
     max_det: Annotated[int | None, Query(ge=1, le=300, description="most detections per image")] = None,
     classes: Annotated[str | None, Query(description="comma-separated class ids or names", examples=["star"])] = None,
@@ -98,7 +119,7 @@ def detect_query(
 ) -> DetectQuery:
     selected = None
     if classes is not None:
-        names = state.pipeline.engine.names if state.pipeline else []
+        names = model.live.engine.names
         selected = {class_id(token, names) for token in classes.split(",") if token.strip()}
         if not selected:
             raise BadRequest(f"classes is empty; list class ids or names, e.g. classes={names[0] if names else 0}")

@@ -10,6 +10,7 @@ NMS.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -66,6 +67,10 @@ class EngineProtocol(Protocol):
     @property
     def parameters(self) -> int: ...
 
+    def verify(self, shape: Shape) -> None:
+        """One forward of a grey image of ``shape`` (height, width); raises :class:`ModelCheckFailed` unless it
+        answers finite rows (1, K, 6). Run on every load, before the model serves."""
+
     def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
         """Before traffic: time the forward of each input shape (height, width) at batch sizes up to
         ``max_batch_size`` (:func:`service.batch_policy.measure`). Returns its timings; nothing is run when
@@ -82,6 +87,23 @@ class EngineProtocol(Protocol):
 
     def gpu_memory(self) -> dict[str, int]:
         """Device memory in bytes by kind (empty on CPU)."""
+
+
+class ModelCheckFailed(Exception):
+    """A loaded model's first forward did not answer what the service relies on."""
+
+
+def check_rows(rows: torch.Tensor, batch_size: int) -> None:
+    """Raise :class:`ModelCheckFailed` unless ``rows`` are finite, shaped (batch_size, K, 6)."""
+    if rows.ndim != 3 or rows.shape[0] != batch_size or rows.shape[2] != 6:
+        raise ModelCheckFailed(f"the model answered rows of shape {tuple(rows.shape)}, not ({batch_size}, K, 6)")
+    if not torch.isfinite(rows).all():
+        raise ModelCheckFailed("the model answered rows that are not finite (NaN or infinity)")
+
+
+def grey_images(shape: Shape, batch_size: int) -> list[torch.Tensor]:
+    """``batch_size`` letterbox-grey uint8 images (3, H, W) of ``shape``: what warm-up and checks run."""
+    return [torch.full((3, *shape), 114, dtype=torch.uint8)] * batch_size
 
 
 def detections_from_rows(
@@ -118,11 +140,14 @@ class Engine:
     """The :class:`EngineProtocol` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on
     CUDA)."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used."""
+    def __init__(self, settings: Settings, path: Path | None) -> None:
+        """The model at ``path`` (None: the bundled model) as ``settings`` say to run it.
+
+        Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used.
+        """
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
-        loaded = load(settings.model_path)
+        loaded = load(path)
         self.metadata = loaded.metadata
         self.checksum = loaded.checksum  # "verified", "not recorded" (format 1 bundle) or "not applicable" (.pt)
         self.names = list(loaded.metadata.names)
@@ -151,11 +176,14 @@ class Engine:
     def dtype(self) -> str:
         return str(self.torch_dtype).removeprefix("torch.")
 
+    def verify(self, shape: Shape) -> None:
+        check_rows(self.infer(grey_images(shape, 1)), 1)
+
     def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
         """Time grey images of each shape at each batch size, which also readies kernels and allocator pools."""
 
         def forward(shape: Shape, batch_size: int) -> None:
-            self.infer([torch.full((3, *shape), 114, dtype=torch.uint8)] * batch_size)
+            self.infer(grey_images(shape, batch_size))
 
         return measure(forward, shapes, max_batch_size, rounds)
 

@@ -55,6 +55,19 @@ class TooManyPixels(ImageRejected):
     status, code, rejection = 422, "too_many_pixels", "too_large"
 
 
+class ModelNotServed(ServiceError):
+    """No served model has the name a request gave (``?model=``, ``/v2/models/NAME``)."""
+
+    status, code, rejection = 404, "model_not_found", "bad_input"
+
+
+class ModelLoadFailed(ServiceError):
+    """A new version of a model could not be loaded or failed its checks; the live version keeps serving. 400, as
+    Triton answers a failed ``/v2/repository/models/NAME/load``."""
+
+    status, code = 400, "model_load_failed"
+
+
 class QueueFull(ServiceError):
     status, code, rejection = 503, "queue_full", "queue_full"
 

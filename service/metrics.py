@@ -1,5 +1,8 @@
 """Every Prometheus metric of the service, defined once. Names and labels are fixed: dashboards and alerts use
-them. Each :class:`Metrics` owns its registry, so several apps (tests) can live in one process."""
+them. Each :class:`Metrics` owns its registry, so several apps (tests) can live in one process.
+
+What belongs to one served model (its queue, batches, inference time, detections, version) carries a ``model`` label,
+the served name (``/detect?model=NAME``); requests, admission and decoding are the process's."""
 
 from __future__ import annotations
 
@@ -38,24 +41,26 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "detector_queue_wait_seconds", "Time an image waited in the batch queue", buckets=LATENCY_BUCKETS,
-            registry=registry,
+            "detector_queue_wait_seconds", "Time an image waited in the batch queue", ["model"],
+            buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.preprocess_duration = Histogram(
             "detector_preprocess_duration_seconds", "Decode and letterbox time per image", buckets=LATENCY_BUCKETS,
             registry=registry,
         )  # fmt: skip
         self.inference_duration = Histogram(
-            "detector_inference_duration_seconds", "Model time per batch (transfer, forward, copy back)",
+            "detector_inference_duration_seconds", "Model time per batch (transfer, forward, copy back)", ["model"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "detector_batch_size", "Images per inference batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
-        )
-        self.queue_depth = Gauge("detector_queue_depth", "Images waiting for inference", registry=registry)
+            "detector_batch_size", "Images per inference batch", ["model"], buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge("detector_queue_depth", "Images waiting for inference", ["model"], registry=registry)
         self.queue_capacity = Gauge(
-            "detector_queue_capacity", "Images that may wait before requests are refused (max_queue)", registry=registry
-        )
+            "detector_queue_capacity", "Images that may wait before requests are refused (max_queue)", ["model"],
+            registry=registry,
+        )  # fmt: skip
         self.admission_in_use = Gauge(
             "detector_admission_in_use", "Units of an admission budget in use (requests, body_bytes, decode_pixels)",
             ["budget"], registry=registry,
@@ -70,9 +75,16 @@ class Metrics:
             "detector_rejected", "Requests refused or dropped, by reason", ["reason"], registry=registry
         )
         self.detections = Counter(
-            "detector_detections", "Detections returned, by class", ["class_name"], registry=registry
+            "detector_detections",
+            "Detections returned, by model and class",
+            ["model", "class_name"],
+            registry=registry,
         )
-        self.model_info = Info("detector_model", "The served model", registry=registry)
+        self.model_info = Info("detector_model", "The live version of each served model", ["model"], registry=registry)
+        self.model_loads = Counter(
+            "detector_model_loads", "Loads of a model's file by outcome: loaded, unchanged, failed",
+            ["model", "outcome"], registry=registry,
+        )  # fmt: skip
         self.gpu_memory = Gauge("detector_gpu_memory_bytes", "CUDA memory of this process", ["kind"], registry=registry)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works before the first rejection

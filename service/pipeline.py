@@ -23,12 +23,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.admission import Admission, Ticket
 from service.annotate import MAX_SIDE, drawable_copy
-from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import EngineProtocol
 from service.errors import BadRequest, DeadlineExceeded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from service.images import Letterbox, decode, letterbox, read_header
 from service.metrics import Metrics
+from service.models import ServedVersion
 from service.schemas import Detection, DetectResponse
 
 
@@ -60,27 +59,6 @@ def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, 
     overlap = width * height
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
     return overlap / union if union > 0 else 0.0
-
-
-@dataclass
-class BatchOutput:
-    """What the batcher hands back for one image: its rows and the batch it ran in."""
-
-    rows: torch.Tensor  # (K, 6), see service.engine
-    batch_size: int
-    inference_seconds: float
-
-
-def batch_runner(engine: EngineProtocol) -> Callable[[list[torch.Tensor]], list[BatchOutput]]:
-    """The batcher's ``run_batch``: one engine call for the batch, its rows split per image."""
-
-    def run_batch(images: list[torch.Tensor]) -> list[BatchOutput]:
-        started = time.monotonic()
-        rows = engine.infer(images)  # (B, K, 6)
-        seconds = time.monotonic() - started
-        return [BatchOutput(rows[i], len(images), seconds) for i in range(len(images))]
-
-    return run_batch
 
 
 async def read_body(
@@ -187,11 +165,10 @@ class ImageResult:
 
 @dataclass
 class Pipeline:
-    """One image's way, for the process: decode pool, batcher and engine are shared by every request."""
+    """One image's way, for the process: the decode pool and the admission budgets are shared by every request and
+    every model; the model that runs an image is the version the request leased (:mod:`service.models`)."""
 
     settings: Settings
-    engine: EngineProtocol
-    batcher: DynamicBatcher[torch.Tensor, BatchOutput]
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     admission: Admission
@@ -238,10 +215,10 @@ class Pipeline:
             return [Upload(None, body)]
         return await multipart_files(body, content_type, field_name, max_files)
 
-    async def _prepare(self, ticket: Ticket, data: bytes, keep_pixels: bool, deadline: float) -> Prepared:
-        """Decode and letterbox in the decode pool, the image's pixels (from its header) reserved on ``ticket``
-        first; waiting for a decode thread (or the large images' lane) counts against ``deadline``. A request
-        decodes one image at a time."""
+    async def _prepare(self, ticket: Ticket, data: bytes, size: int, keep_pixels: bool, deadline: float) -> Prepared:
+        """Decode and letterbox to ``size`` in the decode pool, the image's pixels (from its header) reserved on
+        ``ticket`` first; waiting for a decode thread (or the large images' lane) counts against ``deadline``. A
+        request decodes one image at a time."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)), ticket.decoding:
@@ -260,9 +237,7 @@ class Pipeline:
                     if large:
                         self.large_decodes.release()
 
-                job = self.decode_pool.submit(
-                    prepare, data, self.settings.max_image_pixels, self.engine.input_size, keep_pixels
-                )
+                job = self.decode_pool.submit(prepare, data, self.settings.max_image_pixels, size, keep_pixels)
                 # Released when the thread is done (or the job cancelled before it started), not when the request
                 # stops waiting: a decode that outlives its request still holds its memory and its thread.
                 job.add_done_callback(lambda _: loop.call_soon_threadsafe(decoded))
@@ -273,33 +248,35 @@ class Pipeline:
     async def detect(
         self,
         ticket: Ticket,
+        model: ServedVersion,
         data: bytes,
         query: DetectQuery,
         request_id: str,
         arrived: float,
         keep_pixels: bool = False,
     ) -> ImageResult:
-        """One image of an admitted request: decode (decode pool), batch queue, inference, boxes back to its pixels.
+        """One image of an admitted request on ``model`` (a version the request leased): decode (decode pool), its
+        batch queue, inference, boxes back to the image's pixels.
 
         ``arrived`` is the request's ``time.monotonic()`` arrival. The decoded pixels are kept (``keep_pixels``)
         only for drawing: a queued request otherwise holds just the model input.
         """
-        engine, metrics = self.engine, self.metrics
-        prepared = await self._prepare(ticket, data, keep_pixels, self.deadline(arrived))
+        engine, metrics = model.engine, self.metrics
+        prepared = await self._prepare(ticket, data, engine.input_size, keep_pixels, self.deadline(arrived))
         metrics.preprocess_duration.observe(prepared.seconds)
         submitted = time.monotonic()
-        output = await self.batcher.submit(prepared.tensor, deadline=self.deadline(arrived))
+        output = await model.batcher.submit(prepared.tensor, deadline=self.deadline(arrived))
         finished = time.monotonic()
         detections = engine.detections(output.rows, prepared.geometry, query.conf, query.classes, query.max_det)
         if query.dedupe_iou is not None:
             detections = one_class_per_place(detections, query.dedupe_iou)
         for detection in detections:
-            metrics.detections.labels(detection.class_name).inc()
+            metrics.detections.labels(model.name, detection.class_name).inc()
         done = time.monotonic()
         geometry = prepared.geometry
         response = DetectResponse(
             request_id=request_id,
-            model={"name": engine.name, "version": engine.version},
+            model={"name": model.name, "version": model.version},
             image={"width": geometry.width, "height": geometry.height},
             detections=[
                 {

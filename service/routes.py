@@ -15,8 +15,9 @@ from starlette.requests import ClientDisconnect
 from model.checkpoint import DEFAULT_BUNDLE
 from service.admission import Ticket
 from service.annotate import annotate, encode, negotiate
-from service.dependencies import PipelineDep, QueryDep, StateDep, require_api_key
+from service.dependencies import ModelDep, PipelineDep, QueryDep, StateDep, require_api_key
 from service.errors import ClientGone, ImageRejected
+from service.models import ServedVersion
 from service.pipeline import Pipeline, Upload
 from service.schemas import (
     BatchDetectResponse,
@@ -100,11 +101,11 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 @detect_router.post(
     "/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=IMAGE_BODY, summary="Detect objects"
 )
-async def detect(request: Request, pipeline: PipelineDep, query: QueryDep) -> DetectResponse:
+async def detect(request: Request, pipeline: PipelineDep, model: ModelDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
         (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
-        work = pipeline.detect(ticket, upload.data, query, request.state.request_id, request.state.arrived)
+        work = pipeline.detect(ticket, served, upload.data, query, request.state.request_id, request.state.arrived)
         response = (await cancel_on_disconnect(request, work)).response
         response.file = upload.name
         return response
@@ -117,29 +118,33 @@ async def detect(request: Request, pipeline: PipelineDep, query: QueryDep) -> De
     openapi_extra=IMAGE_BODY,
     summary="Detect objects and draw them",
 )
-async def detect_annotated(request: Request, pipeline: PipelineDep, query: QueryDep) -> Response:
+async def detect_annotated(request: Request, pipeline: PipelineDep, model: ModelDep, query: QueryDep) -> Response:
     """Same input and query as ``/detect``; answers the image with boxes, class names and confidences drawn
     (JPEG, or PNG when the ``Accept`` header prefers ``image/png``), at most 2,048 pixels on its longer side
-    (larger images are drawn on a downscaled copy); ``X-Detections`` holds the count."""
+    (larger images are drawn on a downscaled copy); ``X-Detections`` holds the count, ``X-Model-Version`` the
+    version that found them."""
     media_type = negotiate(request.headers.get("accept"))
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
         (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
-        arrived = request.state.arrived
-        work = pipeline.detect(ticket, upload.data, query, request.state.request_id, arrived, keep_pixels=True)
+        request_id, arrived = request.state.request_id, request.state.arrived
+        work = pipeline.detect(ticket, served, upload.data, query, request_id, arrived, keep_pixels=True)
         result = await cancel_on_disconnect(request, work)
         image = result.response.image
         scale = max(result.pixels.shape[:2]) / max(image.width, image.height)  # the drawn copy may be smaller
         drawn = await asyncio.get_running_loop().run_in_executor(
             pipeline.decode_pool, lambda: encode(annotate(result.pixels, result.detections, scale), media_type)
         )
-    return Response(drawn, media_type=media_type, headers={"X-Detections": str(len(result.detections))})
+    headers = {"X-Detections": str(len(result.detections)), "X-Model-Version": served.version}
+    return Response(drawn, media_type=media_type, headers=headers)
 
 
 @detect_router.post(
     "/detect/batch", response_model=BatchDetectResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
     summary="Detect objects in several images",
 )  # fmt: skip
-async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep) -> BatchDetectResponse:
+async def detect_batch(
+    request: Request, pipeline: PipelineDep, model: ModelDep, query: QueryDep
+) -> BatchDetectResponse:
     """Several images (multipart field ``files``), answered in order; each is batched with all other traffic.
 
     A file that cannot be used (:class:`ImageRejected`) gets its error in its own slot. Any other failure (queue
@@ -147,9 +152,9 @@ async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep)
     """
     request_id, arrived = request.state.request_id, request.state.arrived
 
-    async def one_image(ticket: Ticket, upload: Upload) -> DetectResponse | ImageError:
+    async def one_image(ticket: Ticket, served: ServedVersion, upload: Upload) -> DetectResponse | ImageError:
         try:
-            response = (await pipeline.detect(ticket, upload.data, query, request_id, arrived)).response
+            response = (await pipeline.detect(ticket, served, upload.data, query, request_id, arrived)).response
         except ImageRejected as error:
             pipeline.metrics.rejected.labels(error.rejection).inc()
             error_body = {"code": error.code, "message": error.message}
@@ -157,17 +162,19 @@ async def detect_batch(request: Request, pipeline: PipelineDep, query: QueryDep)
         response.file = upload.name
         return response
 
-    async def all_images(ticket: Ticket, uploads: list[Upload]) -> list[DetectResponse | ImageError]:
+    async def all_images(
+        ticket: Ticket, served: ServedVersion, uploads: list[Upload]
+    ) -> list[DetectResponse | ImageError]:
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one_image(ticket, upload)) for upload in uploads]
+                tasks = [group.create_task(one_image(ticket, served, upload)) for upload in uploads]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the failure that cancelled the others
         return [task.result() for task in tasks]
 
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress():
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
         images = await body_images(request, pipeline, ticket, "files", max_files=pipeline.settings.max_batch_files)
-        results = await cancel_on_disconnect(request, all_images(ticket, images))
+        results = await cancel_on_disconnect(request, all_images(ticket, served, images))
     return BatchDetectResponse(request_id=request_id, results=results)
 
 
@@ -205,10 +212,12 @@ async def readyz(pipeline: PipelineDep) -> Health:
 
 
 @ops_router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)])
-async def model_info(pipeline: PipelineDep, state: StateDep) -> ModelInfo:
-    engine = pipeline.engine
+async def model_info(model: ModelDep) -> ModelInfo:
+    """The live version of a served model (``?model=NAME``; default: the first)."""
+    live = model.live
+    engine = live.engine
     return ModelInfo(
-        name=engine.name,
+        name=model.name,
         version=engine.version,
         description=engine.metadata.summary(),
         classes=engine.names,
@@ -221,14 +230,15 @@ async def model_info(pipeline: PipelineDep, state: StateDep) -> ModelInfo:
         weights_sha256=engine.metadata.sha256(),
         checksum=engine.checksum,
         provenance=engine.metadata.provenance,
-        batch_policy=state.batch_policy.describe(),
+        batch_policy=live.policy.describe(),
     )
 
 
 @ops_router.get("/v1/config", dependencies=[Depends(require_api_key)], summary="Effective settings, secrets masked")
 async def config(state: StateDep) -> JSONResponse:
     values = state.settings.public()
-    values["model_path"] = values["model_path"] or str(DEFAULT_BUNDLE)  # the model in use, not "null"
+    if not values["models"]:
+        values["model_path"] = values["model_path"] or str(DEFAULT_BUNDLE)  # the model in use, not "null"
     return JSONResponse(values)
 
 
@@ -242,9 +252,10 @@ async def metrics(request: Request, state: StateDep) -> Response:
     """Open like the probes, unless ``metrics_require_key`` puts it behind the API key."""
     if state.settings.metrics_require_key:
         require_api_key(request, state)
-    if state.pipeline is not None:
-        for kind, value in state.pipeline.engine.gpu_memory().items():
+    if state.models is not None:
+        for kind, value in state.models.get(None).live.engine.gpu_memory().items():  # the process's, on any engine
             state.metrics.gpu_memory.labels(kind).set(value)
-    state.metrics.queue_depth.set(state.pipeline.batcher.depth if state.pipeline else 0)
+        for slot in state.models.slots:
+            state.metrics.queue_depth.labels(slot.name).set(slot.depth)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)

@@ -25,7 +25,9 @@ import functools
 import json
 import logging
 import resource
+import signal
 import socket
+import threading
 import time
 from asyncio import constants, trsock
 from collections.abc import Callable
@@ -307,20 +309,32 @@ class OutOfFilesLogger:
 
 
 class ServiceServer(uvicorn.Server):
-    """uvicorn's server with the out-of-files logger on its loop and a hook run the moment a stop signal arrives.
+    """uvicorn's server with the out-of-files logger on its loop, a hook run the moment a stop signal arrives and one
+    run on ``SIGHUP``.
 
     Args:
         config: from :func:`uvicorn_config`.
         on_stop_signal: called on SIGTERM/SIGINT before uvicorn begins its graceful shutdown (the service drops
             readiness there).
+        on_reload_signal: called on the event loop on SIGHUP (the service reloads its models); only when the server
+            runs in the main thread, where signals are delivered.
     """
 
-    def __init__(self, config: uvicorn.Config, on_stop_signal: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_stop_signal: Callable[[], None] = lambda: None,
+        on_reload_signal: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self.on_stop_signal = on_stop_signal
+        self.on_reload_signal = on_reload_signal
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        asyncio.get_running_loop().set_exception_handler(OutOfFilesLogger(self.server_state))
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(OutOfFilesLogger(self.server_state))
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGHUP, self.on_reload_signal)
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:

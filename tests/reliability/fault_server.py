@@ -50,7 +50,7 @@ def main() -> None:
     settings = settings_from_cli(sys.argv[1:])
     listener = bind_listener(settings.host, settings.port)
     configure_logging(settings.log_level)
-    serve(create_app(settings, FaultyEngine(settings)), settings, listener)
+    serve(create_app(settings, [FaultyEngine(settings, settings.model_path)]), settings, listener)
 
 
 if __name__ == "__main__":

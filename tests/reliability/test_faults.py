@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e  # against real server processes on loopback
 
 IMAGE = encode(sample(seed=5), "JPEG", quality=90)
 QUEUE_BOUND = 16  # corpus.SERVER_FLAGS
+QUEUE_WAITS = 'detector_queue_wait_seconds_count{model="yolov10n-akconv"}'  # the bundled model, under its own name
 
 
 def metrics(client: httpx.Client) -> str:
@@ -27,7 +28,7 @@ def metrics(client: httpx.Client) -> str:
 
 def images_computed(text: str) -> float:
     """Images that went through the model so far (the sum of the batch-size histogram)."""
-    return metric_value(text, "detector_batch_size_sum")
+    return metric_value(text, 'detector_batch_size_sum{model="yolov10n-akconv"}')
 
 
 def median_latency_s(client: httpx.Client, requests: int = 5) -> float:
@@ -60,7 +61,7 @@ def test_flood_is_refused_at_the_bound_and_everything_accepted_is_answered(serve
     for refused in (r for r in responses if r.status_code == 503):
         assert refused.json()["error"]["code"] == "queue_full"
         assert int(refused.headers["retry-after"]) >= 1
-    assert metric_value(metrics(client), "detector_queue_depth") == 0
+    assert metric_value(metrics(client), 'detector_queue_depth{model="yolov10n-akconv"}') == 0
     after = median_latency_s(client)
     record(
         "flood",
@@ -83,9 +84,9 @@ def test_clients_gone_while_queued_are_skipped(server, client, record):
 
     async def scenario() -> tuple[httpx.Response, list, httpx.Response]:
         slow = asyncio.ensure_future(post_many(server.url, [marker_png(SLOW)]))
-        started = metric_value(before, "detector_queue_wait_seconds_count")
+        started = metric_value(before, QUEUE_WAITS)
         for _ in range(200):  # until the slow image has left the queue for the worker (10 s at most)
-            if metric_value(await asyncio.to_thread(metrics, client), "detector_queue_wait_seconds_count") > started:
+            if metric_value(await asyncio.to_thread(metrics, client), QUEUE_WAITS) > started:
                 break
             await asyncio.sleep(0.05)
         else:

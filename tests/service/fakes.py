@@ -18,6 +18,7 @@ from service.batch_policy import Shape, Timings
 from service.config import Settings
 from service.engine import detections_from_rows
 from service.images import Letterbox
+from service.models import EngineLoader
 from service.schemas import Detection
 
 NAMES = ["triangle", "star"]
@@ -29,20 +30,19 @@ ROW = (INPUT_SIZE / 4, INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 0
 class FakeEngine:
     """Honours :class:`service.engine.EngineProtocol`: every image gets :data:`ROW` (then zero rows). ``gate`` holds
     each batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches`` records
-    the size of each batch run."""
+    the size of each batch run. ``name`` and ``version`` are the model's own."""
 
-    name = "fake"
-    version = "0"
     names = NAMES
     input_size = INPUT_SIZE
     device = "cpu"
     dtype = "float32"
     akconv_layers = 0
     parameters = 0
-    metadata = ModelMetadata("fake", "0", {}, NAMES, INPUT_SIZE, "ij")
     checksum = "not applicable"
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "0", name: str = "fake") -> None:
+        self.name, self.version = name, version
+        self.metadata = ModelMetadata(name, version, {}, NAMES, INPUT_SIZE, "ij")
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
@@ -56,6 +56,9 @@ class FakeEngine:
         async with asyncio.timeout(timeout):
             while not self.entered:
                 await asyncio.sleep(0.01)
+
+    def verify(self, shape: Shape) -> None:
+        """Nothing to check: a fake's rows are well-formed (and its batch counters stay untouched)."""
 
     def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
         """``timings`` as if measured, or nothing when ``rounds`` is 0."""
@@ -88,10 +91,14 @@ def fake_settings(**values: object) -> Settings:
 
 @contextlib.asynccontextmanager
 async def app_client(
-    settings: Settings | None = None, engine: FakeEngine | None = None
+    settings: Settings | None = None,
+    engine: FakeEngine | list[FakeEngine] | None = None,
+    loader: EngineLoader | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    """An app on :class:`FakeEngine`, its lifespan run, and an httpx client talking to it in-process."""
-    app = create_app(settings or fake_settings(), engine or FakeEngine())
+    """An app on :class:`FakeEngine` (or the fakes of its models, in order), its lifespan run, and an httpx client
+    talking to it in-process. ``loader`` loads what the app loads later (swaps)."""
+    engines = engine if isinstance(engine, list) else [engine or FakeEngine()]
+    app = create_app(settings or fake_settings(), engines, loader)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:

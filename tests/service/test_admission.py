@@ -231,7 +231,7 @@ def test_stalled_uploads_are_refused_at_the_door_over_real_sockets():
     body, so stalled uploads cannot hold more memory than the budget."""
     limit, budget = 1024 * 1024, 4 * 1024 * 1024
     settings = fake_settings(max_upload_bytes=limit, max_body_bytes=budget, request_timeout_s=30)
-    app = create_app(settings, FakeEngine())
+    app = create_app(settings, [FakeEngine()])
     head = f"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {limit}\r\n\r\n".encode()
     with serving_in_thread(app) as (url, _):
         address = urlparse(url)

@@ -59,7 +59,7 @@ def test_clients_that_hang_up_are_client_gone_not_server_errors(caplog):
     middle of its body. Both are 499 ``client_gone`` in the request metrics and the access log; no 5xx, no
     traceback, no ERROR line."""
     engine = FakeEngine()
-    app = create_app(fake_settings(), engine)
+    app = create_app(fake_settings(), [engine])
     caplog.set_level(logging.INFO)
     with serving_in_thread(app) as (url, _):
         address = urlparse(url)
@@ -94,7 +94,7 @@ def test_requests_unanswered_at_the_end_of_the_drain_window_get_json_503(caplog)
     """uvicorn cancels what still runs when its graceful-shutdown window ends; such a request is answered JSON 503
     ``shutting_down`` (before: uvicorn's plain-text 500)."""
     engine = FakeEngine()
-    app = create_app(fake_settings(), engine)
+    app = create_app(fake_settings(), [engine])
     with (
         serving_in_thread(app, timeout_graceful_shutdown=1) as (url, server),
         concurrent.futures.ThreadPoolExecutor(1) as pool,
@@ -114,7 +114,7 @@ def test_requests_unanswered_at_the_end_of_the_drain_window_get_json_503(caplog)
 @pytest.mark.e2e
 def test_a_nul_in_the_query_is_answered_json_400_over_a_socket():
     """``classes=%00`` used to drop the connection."""
-    with serving_in_thread(create_app(fake_settings(), FakeEngine())) as (url, _):
+    with serving_in_thread(create_app(fake_settings(), [FakeEngine()])) as (url, _):
         address = urlparse(url)
         with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
             head = "POST /detect?classes=%00 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -144,7 +144,7 @@ def test_a_batch_holds_images_of_one_input_shape_and_runs_only_the_policys_sizes
             queued = [
                 asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", image)})) for image in images
             ]
-            while app.state.service.pipeline.batcher.depth < len(images):
+            while app.state.service.models.get(None).depth < len(images):
                 await asyncio.sleep(0.01)
             engine.gate.set()
             responses = await asyncio.gather(first, *queued)

@@ -21,6 +21,10 @@ from service.pipeline import box_iou
 from tests.image_files import encode
 from tests.service.server import metric_value, running_server
 
+# The bundled model is served under its own name: its per-model series carry that label.
+BATCHES = 'detector_batch_size_count{model="yolov10n-akconv"}'
+SINGLES = 'detector_batch_size_bucket{le="1.0",model="yolov10n-akconv"}'
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BUS = Path(__import__("ultralytics").__file__).parent / "assets" / "bus.jpg"
@@ -171,10 +175,8 @@ def test_64_concurrent_requests_are_batched(server):
     assert [r.status_code for r in responses] == [200] * 64
     assert max(r.json()["batch_size"] for r in responses) > 1
     after = httpx.get(server.url + "/metrics").text
-    batches = metric_value(after, "detector_batch_size_count") - metric_value(before, "detector_batch_size_count")
-    singles = metric_value(after, 'detector_batch_size_bucket{le="1.0"}') - metric_value(
-        before, 'detector_batch_size_bucket{le="1.0"}'
-    )
+    batches = metric_value(after, BATCHES) - metric_value(before, BATCHES)
+    singles = metric_value(after, SINGLES) - metric_value(before, SINGLES)
     assert singles < batches, "the histogram shows batches of more than one image"
 
 
@@ -259,7 +261,7 @@ def test_metrics_names_and_labels(server):
     assert 'detector_rejected_total{reason="queue_full"}' in text
     assert "detector_ready 1.0" in text
     assert re.search(r'detector_model_info\{.*device="cpu".*name="yolov10n-akconv".*version="2026-11-28"\} 1.0', text)
-    assert 'detector_batch_size_bucket{le="64.0"}' in text
+    assert 'detector_batch_size_bucket{le="64.0",model="yolov10n-akconv"}' in text
 
 
 @pytest.fixture(scope="module")
@@ -337,8 +339,9 @@ def test_full_queue_refuses_with_retry_after_and_answers_everything_accepted(con
             assert int(response.headers["retry-after"]) >= 1
     text = httpx.get(constrained.url + "/metrics", headers=KEY).text
     assert metric_value(text, 'detector_rejected_total{reason="queue_full"}') >= statuses.count(503)
-    assert metric_value(text, "detector_queue_depth") == 0
-    assert metric_value(text, "detector_queue_capacity") == 2  # what the queue alert divides by
+    assert metric_value(text, 'detector_queue_depth{model="yolov10n-akconv"}') == 0
+    capacity = metric_value(text, 'detector_queue_capacity{model="yolov10n-akconv"}')
+    assert capacity == 2  # what the queue alert divides by
 
 
 def test_batch_beyond_the_queue_bound_fails_as_a_whole(constrained):
@@ -347,20 +350,20 @@ def test_batch_beyond_the_queue_bound_fails_as_a_whole(constrained):
     def metrics() -> str:
         return httpx.get(constrained.url + "/metrics", headers=KEY).text
 
-    computed_before = metric_value(metrics(), "detector_batch_size_sum")
+    computed_before = metric_value(metrics(), 'detector_batch_size_sum{model="yolov10n-akconv"}')
     data = encode(render(SPLITS["test"], 96)[0])
     files = [("files", ("x.png", data)) for _ in range(8)]  # the queue holds 2, batches hold 1
     response = httpx.post(constrained.url + "/detect/batch", files=files, headers=KEY, timeout=60)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "queue_full"
     for _ in range(100):  # the worker drops the cancelled images when its current batch is done
-        if metric_value(text := metrics(), "detector_queue_depth") == 0:
+        if metric_value(text := metrics(), 'detector_queue_depth{model="yolov10n-akconv"}') == 0:
             break
         time.sleep(0.05)
     # The image in flight when the queue overflowed finishes (at most one more if a batch closed meanwhile);
     # the two queued ones do not run.
-    assert metric_value(text, "detector_queue_depth") == 0
-    assert metric_value(text, "detector_batch_size_sum") - computed_before <= 2
+    assert metric_value(text, 'detector_queue_depth{model="yolov10n-akconv"}') == 0
+    assert metric_value(text, 'detector_batch_size_sum{model="yolov10n-akconv"}') - computed_before <= 2
 
 
 def test_deadlines_give_504(tmp_path):

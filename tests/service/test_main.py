@@ -38,7 +38,7 @@ def model_never_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(entry, "load_engine", refuse)
+    monkeypatch.setattr(entry, "load_engines", refuse)
 
 
 @pytest.mark.parametrize(

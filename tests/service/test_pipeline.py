@@ -9,19 +9,19 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from service import pipeline as pipeline_module
 from service.admission import Admission
-from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.metrics import Metrics
+from service.models import ModelSlot, ModelSource
 from service.pipeline import (
     DetectQuery,
     Pipeline,
     Upload,
-    batch_runner,
     box_iou,
     multipart_files,
     one_class_per_place,
@@ -33,24 +33,37 @@ from tests.service.fakes import FakeEngine, fake_settings
 QUERY = DetectQuery(conf=0.25, max_det=100, classes=None)
 
 
+@dataclass
+class Served:
+    """A pipeline and the one model it serves."""
+
+    pipeline: Pipeline
+    model: ModelSlot
+
+    @property
+    def admission(self) -> Admission:
+        return self.pipeline.admission
+
+
 @contextlib.asynccontextmanager
-async def running_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    engine = FakeEngine()
-    batcher = DynamicBatcher(batch_runner(engine), settings.max_batch_size, 0, settings.max_queue)
+async def running_pipeline(settings: Settings) -> AsyncIterator[Served]:
+    """A pipeline with one served model on a :class:`FakeEngine`."""
+    metrics = Metrics()
+    model = ModelSlot(ModelSource(None, None), lambda source: FakeEngine(), settings, metrics)
+    await model.start(FakeEngine())
     admission = Admission(settings.max_inflight_requests, settings.max_body_bytes, settings.max_decode_pixels)
     with ThreadPoolExecutor(settings.decode_threads) as decode_pool:
-        pipeline = Pipeline(settings, engine, batcher, Metrics(), decode_pool, admission)
-        batcher.start()
         try:
-            yield pipeline
+            yield Served(Pipeline(settings, metrics, decode_pool, admission), model)
         finally:
-            await batcher.stop()
+            await model.stop()
 
 
-async def detect(pipeline: Pipeline, data: bytes):
-    ticket = pipeline.admit()
+async def detect(served: Served, data: bytes):
+    ticket = served.pipeline.admit()
     try:
-        return await pipeline.detect(ticket, data, QUERY, "r", time.monotonic())
+        with served.model.lease() as version:
+            return await served.pipeline.detect(ticket, version, data, QUERY, "r", time.monotonic())
     finally:
         ticket.close()
 

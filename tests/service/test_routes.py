@@ -156,7 +156,7 @@ def test_full_queue_is_503_with_retry_after_and_the_deadline_504():
     async def scenario():
         async with app_client(settings, engine) as (client, app):
             engine.gate.clear()
-            batcher = app.state.service.pipeline.batcher
+            batcher = app.state.service.models.get(None)
             running = asyncio.ensure_future(client.post("/detect", files={"file": ("a.png", PNG)}))
             await engine.batch_started()
             queued = asyncio.ensure_future(client.post("/detect", files={"file": ("b.png", PNG)}))

@@ -9,7 +9,7 @@ import pytest
 
 from bench.processes import free_port
 from model.checkpoint import DEFAULT_BUNDLE, METADATA_FILE, WEIGHTS_FILE
-from service.__main__ import load_engine
+from service.__main__ import load_engines
 from service.config import Settings
 from tests.service.server import REPO
 
@@ -52,7 +52,7 @@ def damaged_bundles(root):
 def test_each_unusable_model_stops_the_start_with_one_line_and_its_status(tmp_path, capsys):
     for kind, (path, status, words) in damaged_bundles(tmp_path).items():
         with pytest.raises(SystemExit) as stopped:
-            load_engine(Settings(model_path=path))
+            load_engines(Settings(model_path=path))
         line = capsys.readouterr().err
         assert stopped.value.code == status, kind
         assert line.count("\n") == 1 and str(path) in line and words in line, (kind, line)

@@ -1,0 +1,282 @@
+"""The served models: each configured name's live version (engine, batch policy, batcher), leased to requests and
+swapped for a new version without downtime.
+
+A request leases the live version of its model (:meth:`ModelSlot.lease`) for its whole way: decoded at that
+version's input size, queued on its batcher, its rows turned into detections by its engine. So it is answered by one
+version, and says which, even when a swap happens meanwhile.
+
+A swap (:meth:`ModelSlot.reload`: ``SIGHUP``, or ``POST /v2/repository/models/{name}/load``) reads the model's
+configured file again in a worker thread while the live version serves, verifies it (a bundle's weights checksum at
+load; one forward that must answer finite rows), warms it up and measures its batch policy, and then makes it live
+in one assignment on the event loop. Requests that arrive after that lease the new version; the old one finishes
+what it holds (its batcher drains once its last lease is returned) and is dropped. A failed load leaves the live
+version serving and says why. Readiness never depends on a swap.
+
+Each version has its own batcher and inference thread; versions and models share the process's torch threads and
+its admission budgets (docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.batch_policy import BatchPolicy, served_shapes
+from service.batcher import BatchObserver, DynamicBatcher
+from service.config import Settings
+from service.engine import EngineProtocol
+from service.errors import ModelLoadFailed, ModelNotServed
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the settings name: its served name (None: the model's own name, with the single-model settings) and
+    its file (None: the bundled model)."""
+
+    name: str | None
+    path: Path | None
+
+
+def model_sources(settings: Settings) -> list[ModelSource]:
+    """The models ``settings`` serve, the default first: ``models``, or the one ``model_path``."""
+    if settings.models:
+        return [ModelSource(name, path) for name, path in settings.models.items()]
+    return [ModelSource(None, settings.model_path)]
+
+
+EngineLoader = Callable[[ModelSource], EngineProtocol]  # runs in a worker thread; raises CheckpointError
+
+
+@dataclass
+class BatchOutput:
+    """What the batcher hands back for one image: its rows and the batch it ran in."""
+
+    rows: torch.Tensor  # (K, 6), see service.engine
+    batch_size: int
+    inference_seconds: float
+
+
+def batch_runner(engine: EngineProtocol) -> Callable[[list[torch.Tensor]], list[BatchOutput]]:
+    """The batcher's ``run_batch``: one engine call for the batch, its rows split per image."""
+
+    def run_batch(images: list[torch.Tensor]) -> list[BatchOutput]:
+        started = time.monotonic()
+        rows = engine.infer(images)  # (B, K, 6)
+        seconds = time.monotonic() - started
+        return [BatchOutput(rows[i], len(images), seconds) for i in range(len(images))]
+
+    return run_batch
+
+
+@dataclass(eq=False)
+class ServedVersion:
+    """One loaded version of a served model, with the batcher that runs it."""
+
+    name: str  # the served name
+    engine: EngineProtocol
+    policy: BatchPolicy
+    batcher: DynamicBatcher[torch.Tensor, BatchOutput]
+    leases: int = 0  # requests holding it
+    retired: bool = False  # a newer version is live: no new leases
+
+    @property
+    def version(self) -> str:
+        return self.engine.version
+
+
+@dataclass
+class ModelSlot:
+    """One served name: its configured file, its live version and the versions still finishing their requests."""
+
+    source: ModelSource
+    loader: EngineLoader
+    settings: Settings
+    metrics: Metrics
+    name: str = ""  # known once the first version is loaded (the model's own, for an unnamed source)
+    live: ServedVersion | None = None
+    retiring: set[ServedVersion] = field(default_factory=set)
+    _swapping: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _closing: set[asyncio.Task] = field(default_factory=set)
+
+    async def start(self, engine: EngineProtocol | None) -> None:
+        """Serve ``engine`` (already loaded), or the configured file loaded now. Raises what loading raises."""
+        if engine is None:
+            engine = await asyncio.to_thread(self.loader, self.source)
+        self.name = self.source.name or engine.name
+        self.live = await self._start_version(engine)
+        self._publish(self.live)
+        self.metrics.model_loads.labels(self.name, "loaded").inc()
+
+    @contextmanager
+    def lease(self) -> Iterator[ServedVersion]:
+        """The live version, held until the block ends: it is not stopped before then, even if swapped out."""
+        version = self.live
+        assert version is not None, "leased before start"
+        version.leases += 1
+        try:
+            yield version
+        finally:
+            version.leases -= 1
+            if version.retired and not version.leases:
+                self._close_later(version)
+
+    async def reload(self) -> ServedVersion:
+        """Load the configured file again and make it live, unless it is the version already live.
+
+        Returns the live version afterwards. Raises :class:`ModelLoadFailed` (the live version keeps serving).
+        """
+        async with self._swapping:
+            old = self.live
+            assert old is not None, "reloaded before start"
+            try:
+                engine = await asyncio.to_thread(self.loader, self.source)
+                if engine.version == old.version and engine.metadata.sha256() == old.engine.metadata.sha256():
+                    log.info("model unchanged", extra={"model": self.name, "version": old.version})
+                    self.metrics.model_loads.labels(self.name, "unchanged").inc()
+                    return old
+                version = await self._start_version(engine)
+            except Exception as error:  # noqa: BLE001  (whatever went wrong, the live version keeps serving)
+                self.metrics.model_loads.labels(self.name, "failed").inc()
+                log.warning(
+                    f"model {self.name}: the new version could not be loaded; {old.version} keeps serving: {error}",
+                    extra={"model": self.name, "version": old.version, "path": str(self.source.path)},
+                )
+                raise ModelLoadFailed(
+                    f"model {self.name!r}: the new version could not be loaded ({error}); "
+                    f"version {old.version} keeps serving"
+                ) from error
+            self.live = version
+            self._publish(version)
+            self.metrics.model_loads.labels(self.name, "loaded").inc()
+            old.retired = True
+            self.retiring.add(old)
+            if not old.leases:
+                self._close_later(old)
+            log.info("model swapped", extra={"model": self.name, "from": old.version, "version": version.version})
+            return version
+
+    @property
+    def depth(self) -> int:
+        """Images queued for this model, on every version still running."""
+        versions = [self.live, *self.retiring] if self.live else []
+        return sum(version.batcher.depth for version in versions)
+
+    async def stop(self) -> None:
+        """Answer everything queued (draining) and stop every version."""
+        versions = [self.live, *self.retiring] if self.live else list(self.retiring)
+        await asyncio.gather(*(version.batcher.stop(drain=True) for version in versions))
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _start_version(self, engine: EngineProtocol) -> ServedVersion:
+        """Check ``engine`` with one forward, measure its batch policy, start its batcher."""
+        settings = self.settings
+        shapes = served_shapes(engine.input_size)
+        await asyncio.to_thread(engine.verify, shapes[0])
+        timings = await asyncio.to_thread(engine.warm_up, shapes, settings.max_batch_size, settings.warmup_rounds)
+        policy = BatchPolicy(settings.max_batch_size, timings)
+        log.info("batch policy", extra={"model": self.name, "batch_policy": policy.describe()})
+        batcher: DynamicBatcher[torch.Tensor, BatchOutput] = DynamicBatcher(
+            run_batch=batch_runner(engine),
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            observer=self._observer(),
+            group_key=lambda image: tuple(image.shape[1:]),  # (3, H, W) -> (H, W): a batch holds one input shape
+            batch_sizes=policy.batch_sizes,
+        )
+        batcher.start()
+        return ServedVersion(self.name, engine, policy, batcher)
+
+    def _observer(self) -> BatchObserver:
+        metrics, name = self.metrics, self.name
+
+        def batch(size: int, seconds: float) -> None:
+            metrics.batch_size.labels(name).observe(size)
+            metrics.inference_duration.labels(name).observe(seconds)
+
+        return BatchObserver(
+            queue_depth=lambda _: metrics.queue_depth.labels(name).set(self.depth),
+            queue_wait=metrics.queue_wait.labels(name).observe,
+            batch=batch,
+        )
+
+    def _publish(self, version: ServedVersion) -> None:
+        """The live version in the metrics."""
+        engine = version.engine
+        self.metrics.queue_capacity.labels(self.name).set(self.settings.max_queue)
+        self.metrics.queue_depth.labels(self.name).set(self.depth)
+        self.metrics.model_info.labels(self.name).info(
+            {"name": engine.name, "version": engine.version, "device": engine.device, "dtype": engine.dtype}
+        )
+
+    def _close_later(self, version: ServedVersion) -> None:
+        """Stop a retired version once its queue is answered; its engine is dropped with it."""
+
+        async def close() -> None:
+            await version.batcher.stop(drain=True)
+            self.retiring.discard(version)
+            log.info("model version stopped", extra={"model": self.name, "version": version.version})
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+@dataclass
+class ModelRegistry:
+    """Every served model, the default (the first configured) first."""
+
+    slots: list[ModelSlot]
+    _reloads: set[asyncio.Task] = field(default_factory=set)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, metrics: Metrics, loader: EngineLoader) -> ModelRegistry:
+        return cls([ModelSlot(source, loader, settings, metrics) for source in model_sources(settings)])
+
+    async def start(self, engines: Sequence[EngineProtocol]) -> None:
+        """Serve ``engines`` (already loaded, in the order of the slots); the slots without one load theirs."""
+        for index, slot in enumerate(self.slots):
+            await slot.start(engines[index] if index < len(engines) else None)
+
+    def get(self, name: str | None) -> ModelSlot:
+        """The slot serving ``name`` (None: the default); :class:`ModelNotServed` when none does."""
+        if name is None:
+            return self.slots[0]
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        raise ModelNotServed(f"no model named {name!r}; this server serves {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [slot.name for slot in self.slots]
+
+    async def reload_all(self) -> None:
+        """Reload every model, one after the other; a model that fails keeps its live version (logged)."""
+        for slot in self.slots:
+            with contextlib.suppress(ModelLoadFailed):  # logged by reload; the other models still get their turn
+                await slot.reload()
+
+    def reload_all_soon(self) -> None:
+        """:meth:`reload_all` in the background (``SIGHUP``); called on the event loop."""
+        log.info("reloading every model", extra={"models": self.names})
+        task = asyncio.get_running_loop().create_task(self.reload_all())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def stop(self) -> None:
+        for task in self._reloads:
+            task.cancel()  # a version still loading is dropped; the live ones drain
+        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await asyncio.gather(*(slot.stop() for slot in self.slots))
