@@ -33,6 +33,7 @@ from service.engine import Engine, EngineProtocol
 from service.errors import ServiceError, ShuttingDown
 from service.metrics import Metrics
 from service.models import EngineLoader, ModelRegistry, ModelSource
+from service.oip import error_body
 from service.oip_routes import oip_router
 from service.pipeline import Pipeline
 from service.routes import detect_router, ops_router
@@ -45,7 +46,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
     """The error answer: ``{"error": {"code", "message"}}``, or the Open Inference Protocol's ``{"error": message}``
     under ``/v2``."""
-    body = {"error": message} if path.startswith("/v2") else {"error": {"code": code, "message": message}}
+    body = error_body(message) if path.startswith("/v2") else {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

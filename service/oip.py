@@ -45,7 +45,7 @@ from service.errors import BadRequest, UnsupportedMediaType
 from service.schemas import Detection
 
 SERVER_NAME = "akconv-detector"
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data", "model_repository")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DET = 300  # the upper bound of the max_det parameter, as /detect's query
 _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix

@@ -208,12 +208,18 @@ class Pipeline:
         ``content_type`` is ``image/*``. The body is read within the upload limit and the deadline, its bytes held
         on ``ticket`` (a multipart body twice: its parts are copied out of it)."""
         multipart = check_content_type(content_type, field_name)
-        copies = 2 if multipart else 1
-        limit = self.settings.max_upload_bytes
-        body = await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
+        body = await self.read_body(ticket, chunks, declared, arrived, copies=2 if multipart else 1)
         if not multipart:
             return [Upload(None, body)]
         return await multipart_files(body, content_type, field_name, max_files)
+
+    async def read_body(
+        self, ticket: Ticket, chunks: AsyncIterator[bytes], declared: int | None, arrived: float, copies: int
+    ) -> bytes:
+        """The whole body, within the upload limit and the deadline; ``copies`` times its bytes held on ``ticket``
+        (2 when its images are copied out of it)."""
+        limit = self.settings.max_upload_bytes
+        return await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
 
     async def _prepare(self, ticket: Ticket, data: bytes, size: int, keep_pixels: bool, deadline: float) -> Prepared:
         """Decode and letterbox to ``size`` in the decode pool, the image's pixels (from its header) reserved on

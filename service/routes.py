@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import closing
 from importlib import resources
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ from service.schemas import (
 )
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 431, 500, 503, 504)}
@@ -55,16 +56,21 @@ async def body_images(
     request: Request, pipeline: Pipeline, ticket: Ticket, field_name: str, max_files: int
 ) -> list[Upload]:
     """The request's images (see :meth:`service.pipeline.Pipeline.read_images`)."""
-    declared = request.headers.get("content-length")
     return await pipeline.read_images(
         ticket,
         body_chunks(request),
         request.headers.get("content-type", ""),
-        int(declared) if declared is not None and declared.isdigit() else None,
+        declared_length(request),
         field_name,
         max_files,
         request.state.arrived,
     )
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's ``Content-Length``, when it sent one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
@@ -74,6 +80,17 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
             yield chunk
     except ClientDisconnect:
         raise ClientGone("the client disconnected while sending its body") from None
+
+
+async def each_image(images: Sequence[Item], detect_one: Callable[[Item], Awaitable[T]]) -> list[T]:
+    """``detect_one`` of every image at once (each is batched with all other traffic), answers in order. The first
+    failure cancels the images still waiting and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(detect_one(image)) for image in images]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # the failure that cancelled the others
+    return [task.result() for task in tasks]
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -162,19 +179,10 @@ async def detect_batch(
         response.file = upload.name
         return response
 
-    async def all_images(
-        ticket: Ticket, served: ServedVersion, uploads: list[Upload]
-    ) -> list[DetectResponse | ImageError]:
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one_image(ticket, served, upload)) for upload in uploads]
-        except ExceptionGroup as failed:
-            raise failed.exceptions[0] from None  # the failure that cancelled the others
-        return [task.result() for task in tasks]
-
     with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
         images = await body_images(request, pipeline, ticket, "files", max_files=pipeline.settings.max_batch_files)
-        results = await cancel_on_disconnect(request, all_images(ticket, served, images))
+        work = each_image(images, lambda upload: one_image(ticket, served, upload))
+        results = await cancel_on_disconnect(request, work)
     return BatchDetectResponse(request_id=request_id, results=results)
 
 
