@@ -6,7 +6,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
 
 from model.akconv import AKConv
-from model.build import ConfigError, akconv_layers, build_model, fuse_for_inference
+from model.build import ConfigError, akconv_layers, build_model, fuse_for_inference, load_config
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,20 @@ def test_the_verbose_build_prints_one_summary_with_the_akconv_rows():
     printed = "\n".join(lines)
     assert printed.count("summary") == 1
     assert printed.count("model.akconv.AKConv") == 2, "the layer table shows the real layers, not placeholders"
+
+
+def test_a_models_activation_never_reaches_the_next_model_built_in_the_process():
+    """Several models in one process (DETECTOR_MODELS): ultralytics' ``Conv.default_act`` is global, so a config's
+    activation must apply to its own model only, whichever is built first."""
+    from ultralytics.nn.modules.conv import Conv
+
+    before = Conv.default_act
+    relu_config = load_config("yolov10n-akconv") | {"activation": "nn.ReLU()"}
+    relu = build_model(relu_config)
+    silu = build_model("yolov10n-akconv")
+
+    def activations(model):  # of the convolutions that have one (some are built with act=False: Identity)
+        return {type(module.act) for module in model.modules() if isinstance(module, Conv)} - {torch.nn.Identity}
+
+    assert activations(relu) == {torch.nn.ReLU} and activations(silu) == {torch.nn.SiLU}
+    assert Conv.default_act is before
