@@ -158,6 +158,8 @@ async def swap_under_load(lb: str, replicas: list[ServerProcess], link: Path, mo
     async def roll_forward(http: httpx.AsyncClient) -> None:
         try:
             await until(lambda: len(answers) >= BEFORE_SWAP, 120, stop)
+            served = {x.version for x in answers if x.status == 200}
+            assert served == {OLD}, f"answers of {served} before the swap: the configured path is not served"
             new_bundle = await asyncio.to_thread(write_version, models, NEW)
             point(link, new_bundle)
             marks["written"] = time.monotonic()
