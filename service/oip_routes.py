@@ -33,9 +33,13 @@ from service.oip import (
     server_ready,
 )
 from service.pipeline import DetectQuery
-from service.routes import ERRORS, body_chunks, cancel_on_disconnect, declared_length, each_image
+from service.routes import body_chunks, cancel_on_disconnect, declared_length, each_image
+from service.schemas import ProtocolError
 
-oip_router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+PROTOCOL_ERRORS = {
+    status: {"model": ProtocolError} for status in (400, 401, 404, 408, 413, 415, 422, 431, 500, 503, 504)
+}
+oip_router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=PROTOCOL_ERRORS)
 keyed = [Depends(require_api_key)]
 
 SERVER_VERSION = "0.1.0"  # the service's, as FastAPI's app reports it
@@ -62,7 +66,7 @@ async def live() -> dict[str, bool]:
     return server_live(True)
 
 
-@oip_router.get("/health/ready", summary="Server ready", responses={503: {"description": "warming up or draining"}})
+@oip_router.get("/health/ready", summary="Server ready")
 async def ready(state: StateDep) -> dict[str, bool]:
     if not state.ready or state.draining:
         raise NotReady("the models are not ready (warming up or draining)", {"Retry-After": "1"})
@@ -99,13 +103,10 @@ async def model_is_ready(served: LiveVersionDep) -> dict[str, Any]:
     return model_ready(served.name, True)
 
 
-@oip_router.post(
-    "/models/{name}/infer", dependencies=keyed, responses=ERRORS, openapi_extra=INFER_BODY, summary="Infer"
-)
+@oip_router.post("/models/{name}/infer", dependencies=keyed, openapi_extra=INFER_BODY, summary="Infer")
 @oip_router.post(
     "/models/{name}/versions/{version}/infer",
     dependencies=keyed,
-    responses=ERRORS,
     openapi_extra=INFER_BODY,
     summary="Infer on a version",
 )

@@ -32,7 +32,7 @@ T = TypeVar("T")
 Item = TypeVar("Item")
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 431, 500, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 431, 500, 503, 504)}
 BINARY = {"type": "string", "format": "binary"}
 
 
@@ -219,7 +219,7 @@ async def readyz(pipeline: PipelineDep) -> Health:
     return Health(status="ready")
 
 
-@ops_router.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)])
+@ops_router.get("/v1/model", response_model=ModelInfo, responses=ERRORS, dependencies=[Depends(require_api_key)])
 async def model_info(model: ModelDep) -> ModelInfo:
     """The live version of a served model (``?model=NAME``; default: the first)."""
     live = model.live

@@ -90,6 +90,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ProtocolError(BaseModel):
+    """An error under ``/v2``, in the Open Inference Protocol's shape."""
+
+    error: str = Field(examples=["no model named 'parts'; this server serves shapes"])
+
+
 class ImageError(ErrorResponse):
     status: int = Field(description="what /detect answers for this image alone", examples=[422])
     file: str | None = Field(None, description="the uploaded file's name")

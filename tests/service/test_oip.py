@@ -434,6 +434,6 @@ def test_server_metadata_and_error_body():
     assert server_metadata("0.1.0") == {
         "name": "akconv-detector",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "model_repository"],
     }
     assert error_body("unknown output 'boxes'") == {"error": "unknown output 'boxes'"}
