@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conf", type=float, default=None, help="minimum confidence (server default: 0.25)")
     parser.add_argument("--max-det", type=int, default=None, help="most detections per image")
     parser.add_argument("--classes", default=None, help="comma-separated class ids or names")
+    parser.add_argument("--model", default=None, help="which served model (server default: its first)")
     parser.add_argument(
         "--api-key", default=os.environ.get("DETECTOR_API_KEY"), help="API key, when the server requires one "
         "(default: DETECTOR_API_KEY)",
@@ -125,7 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     args = parser.parse_args(argv)
 
-    query = {"conf": args.conf, "max_det": args.max_det, "classes": args.classes.split(",") if args.classes else None}
+    query = {
+        "conf": args.conf,
+        "max_det": args.max_det,
+        "classes": args.classes.split(",") if args.classes else None,
+        "model": args.model,
+    }
 
     async def run() -> list:
         async with AsyncDetectorClient(args.url, api_key=args.api_key) as client:

@@ -52,9 +52,18 @@ def _image_bytes(image: Image) -> tuple[str, bytes]:
 
 
 def _query(
-    conf: float | None = None, max_det: int | None = None, classes: Iterable[str | int] | None = None
+    conf: float | None = None,
+    max_det: int | None = None,
+    classes: Iterable[str | int] | None = None,
+    dedupe: float | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
+    """The detection query (``/detect``'s parameters); ``model`` picks one of several served models."""
     query: dict[str, Any] = {}
+    if model is not None:
+        query["model"] = model
+    if dedupe is not None:
+        query["dedupe"] = dedupe
     if conf is not None:
         query["conf"] = conf
     if max_det is not None:
@@ -199,8 +208,9 @@ class DetectorClient(_Base):
         """The image with its detections drawn, as JPEG (or PNG)."""
         return self._content(self._send(*self._annotated_call(image, png, **query)))
 
-    def model_info(self) -> ModelInfo:
-        return self._parse(self._send("GET", "/v1/model", {}), ModelInfo)
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """The live version of the default model, or of ``model``."""
+        return self._parse(self._send("GET", "/v1/model", {"params": _query(model=model)}), ModelInfo)
 
 
 class AsyncDetectorClient(_Base):
@@ -244,5 +254,5 @@ class AsyncDetectorClient(_Base):
     async def annotated(self, image: Image, *, png: bool = False, **query: Any) -> bytes:
         return self._content(await self._send(*self._annotated_call(image, png, **query)))
 
-    async def model_info(self) -> ModelInfo:
-        return self._parse(await self._send("GET", "/v1/model", {}), ModelInfo)
+    async def model_info(self, model: str | None = None) -> ModelInfo:
+        return self._parse(await self._send("GET", "/v1/model", {"params": _query(model=model)}), ModelInfo)

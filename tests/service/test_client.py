@@ -170,3 +170,21 @@ def test_the_client_side_imports_no_torch():
     )
     imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
+
+
+def test_the_client_names_the_model_and_the_dedupe_threshold_in_the_query():
+    queries = []
+    body = {
+        "request_id": "r", "model": {"name": "parts", "version": "7"}, "image": {"width": 1, "height": 1},
+        "detections": [], "batch_size": 1,
+        "timings_ms": {"queue": 0, "preprocess": 0, "inference": 0, "postprocess": 0, "total": 0},
+    }  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        queries.append(dict(request.url.params))
+        return httpx.Response(200, json=body)
+
+    client = DetectorClient("http://detector.invalid")
+    client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
+    assert client.detect(b"img", model="parts", dedupe=0.7, conf=0.3).model.version == "7"
+    assert queries == [{"model": "parts", "dedupe": "0.7", "conf": "0.3"}]
