@@ -100,8 +100,10 @@ class DynamicBatcher(Generic[Item, Result]):
         return len(self._queue)
 
     def retry_after_seconds(self) -> int:
-        """How long until the queue has room again: queued batches times the measured batch time."""
-        batches = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        """How long until the queue has room again: the batches the queue makes (at the largest size its oldest
+        item's key runs at) times the measured batch time."""
+        largest = self._allowed_sizes(self._queue[0].key)[-1] if self._queue else self.max_batch_size
+        batches = math.ceil((len(self._queue) + 1) / largest)
         return max(1, math.ceil(batches * self._batch_seconds))
 
     async def submit(self, item: Item, deadline: float) -> Result:

@@ -232,3 +232,25 @@ def test_only_allowed_batch_sizes_run():
 def test_max_batch_size_bounds_the_allowed_sizes():
     batches = batches_after_a_blocker([1, 2, 3], max_batch_size=2, batch_sizes=lambda key: (1, 3))
     assert batches == [[0], [1], [2], [3]]
+
+
+def test_retry_after_counts_batches_at_the_sizes_the_policy_runs():
+    """A policy that runs batch 1 only drains a full queue one item per batch: 16 queued at the default 0.1 s a
+    batch is 2 s, not the 1 s that batches of max_batch_size (8) would take."""
+
+    async def scenario():
+        model = FakeModel()
+        model.gate.clear()
+        batcher, _ = make(model, max_batch_size=8, max_wait_s=0, max_queue=16, batch_sizes=lambda key: [1])
+        running = asyncio.ensure_future(batcher.submit(0, far()))
+        await asyncio.sleep(0.05)  # item 0 is in the worker
+        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(1, 17)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(17, far())
+        model.gate.set()
+        await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return refused.value
+
+    assert run(scenario()).headers["Retry-After"] == "2"
