@@ -111,6 +111,7 @@ class Busy:
     def __init__(self, work: Callable[[], object], count: int = 2) -> None:
         self._stop = threading.Event()
         self.done = 0
+        self.started = time.perf_counter()
 
         def run() -> None:
             while not self._stop.is_set():
@@ -125,6 +126,9 @@ class Busy:
         self._stop.set()
         for thread in self._threads:
             thread.join()
+
+    def per_second(self) -> float:
+        return self.done / (time.perf_counter() - self.started)
 
 
 @dataclass
@@ -198,8 +202,9 @@ class Scene:
     contiguous: bool = False  # model and input in torch.contiguous_format instead of channels-last
 
     @contextlib.contextmanager
-    def staged(self, model: Model, photos: Photos) -> Iterator[Callable[[], float]]:
-        """Set the scene up; yield a function that runs one forward where the scene says and returns its ms."""
+    def staged(self, model: Model, photos: Photos) -> Iterator[tuple[Callable[[], float], Busy | None]]:
+        """Set the scene up; yield a function that runs one forward where the scene says and returns its ms, and
+        the busy decode threads, if any."""
         forward = model.forward_contiguous if self.contiguous else model.forward
         decode = photos.decode_with_torch_copy if self.torch_copy else photos.decode
         with contextlib.ExitStack() as stack:
@@ -208,16 +213,18 @@ class Scene:
                 model.forward()
             if self.warm_up_thread:
                 stack.callback(Parked(model.forward).stop)
+            busy = None
             if self.decoders == "idle":
                 stack.callback(Parked(decode, count=2).stop)
             elif self.decoders == "busy":
-                stack.callback(Busy(decode, count=2).stop)
+                busy = Busy(decode, count=2)
+                stack.callback(busy.stop)
             if self.on_inference_thread:
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
                 stack.callback(executor.shutdown, wait=True)  # the thread ends, and its OpenMP pool with it
-                yield lambda: executor.submit(timed, forward).result()
+                yield (lambda: executor.submit(timed, forward).result()), busy
             else:
-                yield lambda: timed(forward)
+                yield (lambda: timed(forward)), busy
 
 
 SCENES = {
@@ -283,14 +290,16 @@ SCENES = {
 
 def run_scene(scene: Scene, model: Model, photos: Photos, calls: int) -> dict[str, float]:
     """One scene once: its first forward (a new thread's pool and allocator; not in the median), the median of the
-    next ``calls`` in ms, and the process's thread count while it ran."""
+    next ``calls`` in ms, the process's thread count while it ran and, with busy decode threads, the photos they
+    decoded per second meanwhile (more decoding leaves less CPU to the forward)."""
     release_openmp_pool()  # start from the main thread without a pool, whatever ran before
-    with scene.staged(model, photos) as forward:
+    with scene.staged(model, photos) as (forward, busy):
         first = forward()
         samples = [forward() for _ in range(calls)]
         threads = os_threads()
+        decoded = busy.per_second() if busy else None
     release_openmp_pool()
-    return {"ms": statistics.median(samples), "first_ms": first, "threads": threads}
+    return {"ms": statistics.median(samples), "first_ms": first, "threads": threads, "decoded_per_s": decoded}
 
 
 def rotated(names: list[str], offset: int) -> list[str]:
@@ -315,6 +324,8 @@ def summarise(rows: list[dict[str, object]], names: list[str]) -> list[dict[str,
             entry["vs script"] = round(statistics.median(ratios), 2)
             entry["range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
         entry["first ms"] = round(statistics.median(by_round[(r, name)]["first_ms"] for r in rounds), 1)
+        decoded = [by_round[(r, name)]["decoded_per_s"] for r in rounds]
+        entry["decoded/s"] = round(statistics.median(decoded), 1) if None not in decoded else ""
         entry["threads"] = by_round[(rounds[-1], name)]["threads"]
         table.append(entry)
     return table
