@@ -13,6 +13,14 @@ be told apart from a deliberate one (``OMP_NUM_THREADS=1`` is also how one packs
 keeps it and says so (:func:`thread_warning`); ``intra_op_threads`` sets the threads whatever was inherited. The
 inherited values are read from ``/proc/self/environ``, the environment the process was started with, which later
 changes to ``os.environ`` (ultralytics' import) do not touch.
+
+Waiting: torch's intra-op work runs on OpenMP (GNU libgomp on Linux), whose workers by default spin for milliseconds
+after each parallel region before they sleep, unless the process holds more OpenMP threads than cores (then they
+sleep at once). Which of the two the service got depended on how many of its threads had run torch work; spinning
+is faster on an idle machine and many times slower when other threads want the cores (the service's own decode
+threads, other processes): ``python -m bench.inservice``, ``bench/README.md``. With ``OMP_WAIT_POLICY=PASSIVE`` in
+the environment before torch loads (the server's entry point is the place: nothing has imported torch yet there),
+every pool sleeps at once, whichever threads ran torch work; the report shows the policy.
 """
 
 from __future__ import annotations
@@ -94,14 +102,20 @@ def thread_report(
     affinity: int | None = None,
     cgroup_root: Path = CGROUP_ROOT,
     inherited: Mapping[str, str] | None = None,
+    wait_policy: str | None = None,
 ) -> dict[str, object]:
     """The threads in use, for the start log and ``/v1/config``. Each keyword left None is read from torch or the
     OS; ``cgroup_root`` is where the cgroup CPU limit is read (tests pass them all).
 
+    Torch's thread counts are the calling thread's: a thread keeps the count it had when it first ran torch work
+    (``torch.set_num_threads`` changes the calling thread and threads that start later), so call this on the thread
+    that loaded the engine, or on one started after it.
+
     Returns:
         ``intra_op_threads``, ``inter_op_threads`` (torch's), ``decode_threads``, ``usable_cores``,
         ``affinity_cores``, ``cgroup_cpu_limit`` (cores, or None), ``inherited`` (the :data:`THREAD_VARIABLES` the
-        process was started with, only those set).
+        process was started with, only those set), ``omp_wait_policy`` (``OMP_WAIT_POLICY`` as OpenMP read it when
+        torch loaded, if it was set before; None: libgomp's default).
     """
     affinity = affinity_cores() if affinity is None else affinity
     cpu_limit = cgroup_cpu_limit(cgroup_root)
@@ -113,6 +127,7 @@ def thread_report(
         "affinity_cores": affinity,
         "cgroup_cpu_limit": cpu_limit,
         "inherited": dict(inherited_environment() if inherited is None else inherited),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") if wait_policy is None else wait_policy,
     }
 
 

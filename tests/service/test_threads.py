@@ -32,6 +32,7 @@ def report(threads: int, cores: int, inherited: dict[str, str], cpu_limit_root: 
         affinity=cores,
         cgroup_root=cpu_limit_root or Path("/nonexistent"),
         inherited=inherited,
+        wait_policy="PASSIVE",
     )
 
 
@@ -95,6 +96,7 @@ def test_thread_report_names_what_runs_where(tmp_path):
         "affinity_cores": 16,
         "cgroup_cpu_limit": 2.0,
         "inherited": {"OMP_NUM_THREADS": "2"},
+        "omp_wait_policy": "PASSIVE",
     }
 
 
@@ -140,20 +142,25 @@ def test_log_threads_logs_the_report(caplog):
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True, reason="until service/__main__.py calls log_threads and /v1/config adds thread_report (issue 18.3)"
+    strict=True,
+    reason="until service/__main__.py sets OMP_WAIT_POLICY and calls log_threads, and /v1/config adds thread_report",
 )
 @pytest.mark.skipif(affinity_cores() < 2, reason="one core: one thread is all of them, nothing to warn about")
-def test_a_server_started_with_omp_num_threads_1_says_so_in_one_warning_line(tmp_path):
+def test_a_server_started_with_omp_num_threads_1_warns_once_and_waits_passively(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")} | {"OMP_NUM_THREADS": "1"}
-    env.pop("MKL_NUM_THREADS", None)
+    chosen = ("DETECTOR_", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(chosen)}
+    env |= {"OMP_NUM_THREADS": "1", "OMP_DISPLAY_ENV": "VERBOSE"}  # libgomp prints what it read when torch loads
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--warmup-rounds", "0"]
     log_path = tmp_path / "server.log"
     with running_process(command, log_path, url + "/readyz", 180, cwd=REPO, env=env):
         config = httpx.get(url + "/v1/config").json()
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    log = log_path.read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     warnings = [line for line in lines if line["level"] == "warning" and "OMP_NUM_THREADS=1" in line["message"]]
-    assert len(warnings) == 1, log_path.read_text()
-    assert config["threads"]["intra_op_threads"] == 1
-    assert config["threads"]["inherited"] == {"OMP_NUM_THREADS": "1"}
+    assert len(warnings) == 1, log
+    assert [line["threads"]["intra_op_threads"] for line in lines if line["message"] == "threads"] == [1]
+    assert config["threads"]["intra_op_threads"] == 1 and config["threads"]["inherited"] == {"OMP_NUM_THREADS": "1"}
+    assert config["threads"]["omp_wait_policy"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT = '0'" in log  # libgomp read PASSIVE: set before torch loaded
