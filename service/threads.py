@@ -8,7 +8,7 @@ cgroup CPU limit) and the thread variables the process was started with.
 Why "started with": importing ultralytics sets ``OMP_NUM_THREADS=1`` when it is unset. In the service's own process
 :func:`model.offline.configure` undoes that, but a parent process that imported ultralytics (a supervisor, a test
 harness, a notebook) hands ``OMP_NUM_THREADS=1`` to every process it starts, and torch reads it when it loads: the
-model then runs on one core of two, at about half the throughput at concurrency 1. Such an inherited value cannot
+model then runs on one core, whatever the machine has. Such an inherited value cannot
 be told apart from a deliberate one (``OMP_NUM_THREADS=1`` is also how one packs replicas onto cores), so the service
 keeps it and says so (:func:`thread_warning`); ``intra_op_threads`` sets the threads whatever was inherited. The
 inherited values are read from ``/proc/self/environ``, the environment the process was started with, which later
