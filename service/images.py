@@ -177,7 +177,10 @@ def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
     left, top = round(pad_x - 0.1), round(pad_y - 0.1)  # ultralytics' rounding of odd padding
     canvas = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.uint8)
     canvas[top : top + new_h, left : left + new_w] = pixels
-    tensor = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
+    # (H, W, 3) -> (3, H, W) with numpy, not torch: a torch copy this size runs on an OpenMP pool of the calling
+    # (decode) thread, and any such pool slows the model's forward in the inference thread (bench/README.md,
+    # "In-service slowdown").
+    tensor = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))
     return tensor, Letterbox(width, height, fit_scale(width, height, size), float(left), float(top))
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model.synthetic import render
@@ -113,6 +114,14 @@ def test_letterbox_pads_with_grey_around_the_centred_image_up_to_a_stride_multip
     tensor, geometry = letterbox(as_decoded(np.full((20, 64, 3), 255, np.uint8)), 64)
     assert tuple(tensor.shape) == (3, 32, 64) and geometry.pad_y == 6 and geometry.pad_x == 0
     assert tensor[:, :6].eq(114).all() and tensor[:, 6:26].eq(255).all() and tensor[:, 26:].eq(114).all()
+
+
+def test_letterbox_puts_each_channel_in_its_plane_of_a_contiguous_tensor():
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 10, 20, 30  # R, G, B
+    tensor, _ = letterbox(as_decoded(pixels), 64)
+    assert tensor.is_contiguous() and tensor.dtype == torch.uint8
+    assert [int(tensor[channel, 16, 32]) for channel in range(3)] == [10, 20, 30]
 
 
 @pytest.mark.parametrize(
