@@ -10,7 +10,14 @@ used exits with its kind's status (``model/README.md``).
 
 from __future__ import annotations
 
-import logging
+import os
+
+# Before anything imports torch (model.checkpoint below does): OpenMP reads its waiting policy when torch loads it.
+# PASSIVE: a pool's threads sleep as soon as a parallel region ends, whichever threads ran torch work before
+# (service/threads.py; bench/README.md, "In-service speed"). An OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import logging  # noqa: E402
 import signal
 import socket
 import sys
@@ -27,6 +34,7 @@ from service.engine import Engine
 from service.logs import configure_logging
 from service.models import model_sources
 from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
+from service.threads import log_threads
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
     """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) on ``listener`` (from
     :func:`service.server.bind_listener`) until a stop signal; logging is configured already."""
     warn_if_files_may_run_out(settings.max_connections)
+    log_threads(settings.decode_threads, settings.intra_op_threads)
     server = draining_server(app, settings)
     server.run(sockets=[listener])
     if not server.started:

@@ -27,6 +27,7 @@ from service.schemas import (
     ImageError,
     ModelInfo,
 )
+from service.threads import thread_report
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -247,6 +248,7 @@ async def config(state: StateDep) -> JSONResponse:
     values = state.settings.public()
     if not values["models"]:
         values["model_path"] = values["model_path"] or str(DEFAULT_BUNDLE)  # the model in use, not "null"
+    values["threads"] = thread_report(state.settings.decode_threads)
     return JSONResponse(values)
 
 

@@ -141,10 +141,6 @@ def test_log_threads_logs_the_report(caplog):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="until service/__main__.py sets OMP_WAIT_POLICY and calls log_threads, and /v1/config adds thread_report",
-)
 @pytest.mark.skipif(affinity_cores() < 2, reason="one core: one thread is all of them, nothing to warn about")
 def test_a_server_started_with_omp_num_threads_1_warns_once_and_waits_passively(tmp_path):
     port = free_port()
