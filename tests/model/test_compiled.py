@@ -1,0 +1,145 @@
+"""model.compiled: compiled runners in front of the eager detector, and every way back to eager."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import compiled
+from model.build import build_model, fuse_for_inference
+from model.compiled import CompiledDetector, artefact_file, artefact_key, compiled_detector, top_rows_difference
+
+# The smallest YOLOv10 with an AKConv layer: building and exporting it takes seconds, not minutes.
+TINY = {
+    "nc": 2,
+    "backbone": [
+        [-1, 1, "Conv", [8, 3, 2]],
+        [-1, 1, "AKConv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+    ],
+    "head": [[[2, 3, 4], 1, "v10Detect", ["nc"]]],
+}
+SHAPE = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    torch.nn.init.normal_(model.model[1].p_conv.weight, std=0.3)  # offsets that move the samples
+    return fuse_for_inference(model).to(memory_format=torch.channels_last)
+
+
+def images(batch: int, shape: tuple[int, int] = SHAPE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.rand(batch, 3, *shape, generator=generator).contiguous(memory_format=torch.channels_last)
+
+
+class Recorder:
+    """A runner that records the shapes it ran and answers rows offset from eager's by ``offset``."""
+
+    def __init__(self, eager, offset: float = 0.0) -> None:
+        self.eager, self.offset, self.calls = eager, offset, []
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(batch.shape))
+        return self.eager(batch) + self.offset
+
+
+@torch.inference_mode()
+def test_a_runner_takes_its_shape_up_to_the_batch_bound_and_eager_the_rest(tiny):
+    runner = Recorder(tiny)
+    detector = CompiledDetector(tiny, {SHAPE: runner}, max_batch=2, backend="openvino")
+    detector(images(2))
+    detector(images(3))  # above the bound
+    detector(images(1, (96, 64)))  # no runner for this shape
+    assert runner.calls == [(2, 3, *SHAPE)]
+
+
+def test_the_key_changes_with_everything_baked_into_an_artefact(tiny):
+    weights = compiled.weights_sha256(tiny)
+    key = artefact_key(weights, "openvino", SHAPE, 8)
+    assert key.startswith("openvino-64x96-b8-")
+    others = {
+        artefact_key("0" * 64, "openvino", SHAPE, 8),
+        artefact_key(weights, "openvino", (96, 64), 8),
+        artefact_key(weights, "openvino", SHAPE, 4),
+        artefact_key(weights, "aoti", SHAPE, 8),
+    }
+    assert key not in others and len(others) == 4
+    other = fuse_for_inference(build_model(TINY).eval())  # other random weights
+    assert compiled.weights_sha256(other) != weights
+
+
+@torch.inference_mode()
+def test_without_an_artefact_every_shape_runs_eager_and_says_so(tiny, tmp_path, caplog):
+    pytest.importorskip("openvino")
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
+    assert prepared.status == {SHAPE: "eager: no artefact"}
+    assert prepared.detector.runners == {}
+    assert "no openvino artefact for 64x96" in caplog.text and "python -m model compile" in caplog.text
+    assert torch.equal(prepared.detector(images(1)), tiny(images(1)))
+
+
+def test_a_backend_that_is_not_installed_leaves_eager(tiny, tmp_path, monkeypatch, caplog):
+    def missing(backend):
+        raise ImportError(f"No module named {backend!r}")
+
+    monkeypatch.setattr(compiled, "backend_version", missing)
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path, build_missing=True)
+    assert prepared.status == {SHAPE: "eager: not installed"}
+    assert "openvino is not installed" in caplog.text
+
+
+def test_a_damaged_artefact_leaves_its_shape_eager(tiny, tmp_path, caplog):
+    pytest.importorskip("openvino")
+    path = artefact_file(tiny, "openvino", SHAPE, 8, tmp_path)
+    path.write_text("<not a model>")
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
+    assert prepared.status[SHAPE].startswith("eager: ")
+    assert prepared.detector.runners == {}
+    assert "openvino for 64x96 failed" in caplog.text
+
+
+def test_a_runner_that_disagrees_with_eager_is_not_used(tiny, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("openvino")
+    artefact_file(tiny, "openvino", SHAPE, 8, tmp_path).touch()
+    monkeypatch.setattr(compiled, "load_runner", lambda path, backend, threads: Recorder(tiny, offset=0.01))
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
+    assert prepared.status == {SHAPE: "eager: probe differs by 1.0e-02"}
+    assert "differs from eager by 1.0e-02" in caplog.text
+
+
+def test_top_rows_are_matched_whatever_their_order():
+    reference = torch.tensor([[[0, 0, 10, 10, 0.9, 1], [5, 5, 20, 20, 0.9, 0]]]).numpy()
+    swapped = reference[:, ::-1].copy()
+    assert top_rows_difference(swapped, reference) == 0.0
+    moved = reference.copy()
+    moved[0, 1, 0] += 0.5
+    assert top_rows_difference(moved, reference) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+@pytest.mark.parametrize("backend", ["openvino", "aoti"])
+def test_built_once_then_loaded_rows_match_eager_at_every_batch_size(tiny, tmp_path: Path, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    expected = {batch: tiny(images(batch)) for batch in (1, 3, 4)}
+    built = compiled_detector(tiny, backend, [SHAPE], 4, tmp_path, build_missing=True)
+    assert built.status == {SHAPE: "built"}
+    for batch, rows in expected.items():
+        assert torch.allclose(tiny(images(batch)), rows), "exporting changed the eager detector"
+    loaded = compiled_detector(tiny, backend, [SHAPE], 4, tmp_path)  # what a restart does: load, no build
+    assert loaded.status == {SHAPE: "loaded"}
+    for batch, rows in expected.items():
+        out = loaded.detector(images(batch))
+        assert out.shape == rows.shape
+        assert top_rows_difference(out.numpy(), rows.numpy()) < 1e-3
