@@ -143,11 +143,7 @@ def sample_images(count: int, size: int) -> torch.Tensor:
 
 
 def output_difference(rows: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max |Δ| of the sorted scores, max |Δ| of the reference's top rows vs their nearest rows), over all images.
-
-    Rows come sorted by score, so near-equal scores may swap places between runtimes; matching rows by nearest
-    neighbour (``model.compiled.top_rows_difference``) makes the comparison blind to that order.
-    """
+    """(max |Δ| of the sorted scores, max |Δ| of those and the top rows, ``model.compiled.top_rows_difference``)."""
     score_diff = np.abs(np.sort(rows[..., 4], axis=-1) - np.sort(reference[..., 4], axis=-1)).max()
     return float(score_diff), top_rows_difference(rows, reference, CHECK_TOP_ROWS)
 

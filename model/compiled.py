@@ -190,21 +190,28 @@ def load_runner(path: Path, backend: Backend, threads: int | None = None) -> Run
     return run_aoti
 
 
-def top_rows_difference(rows: np.ndarray, reference: np.ndarray, top: int = PROBE_TOP_ROWS) -> float:
-    """Max |Δ| of the reference's ``top`` rows of each image vs their nearest rows of ``rows`` (B, K, 6).
+def top_rows_difference(
+    rows: np.ndarray, reference: np.ndarray, top: int = PROBE_TOP_ROWS, tie: float = PROBE_TOLERANCE
+) -> float:
+    """Max |Δ| between two outputs (B, K, 6): of their sorted scores, and of the reference's ``top`` rows of each
+    image vs their nearest rows in ``rows``.
 
     Rows come sorted by score, so near-equal scores may swap places between runtimes; matching each reference row
-    to its nearest row makes the comparison blind to that order.
+    to its nearest row makes the comparison blind to that order. Only rows scored above the reference's K-th score
+    by more than ``tie`` are matched: which of several rows tied at the cut-off make the K kept is arbitrary (a model
+    with random weights scores every anchor alike), and those rows are compared by their scores only.
     """
-    difference = 0.0
+    difference = float(np.abs(np.sort(rows[..., 4], axis=-1) - np.sort(reference[..., 4], axis=-1)).max())
     for image_rows, image_reference in zip(rows, reference, strict=True):
-        distance = np.abs(image_reference[:top, None, :] - image_rows[None, :, :]).max(axis=-1)  # (top, K)
-        difference = max(difference, float(distance.min(axis=1).max()))
+        kept = image_reference[image_reference[:, 4] > image_reference[:, 4].min() + tie][:top]  # (≤ top, 6)
+        if len(kept):
+            distance = np.abs(kept[:, None, :] - image_rows[None, :, :]).max(axis=-1)  # (≤ top, K)
+            difference = max(difference, float(distance.min(axis=1).max()))
     return difference
 
 
 def probe(runner: Runner, eager: Detector, shape: Shape) -> float:
-    """Top-rows difference of ``runner`` vs ``eager`` on a fixed random batch of 2 at ``shape``."""
+    """:func:`top_rows_difference` of ``runner`` vs ``eager`` on a fixed random batch of 2 at ``shape``."""
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, *shape, generator=generator).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

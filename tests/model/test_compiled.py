@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,12 +119,22 @@ def test_a_runner_that_disagrees_with_eager_is_not_used(tiny, tmp_path, monkeypa
 
 
 def test_top_rows_are_matched_whatever_their_order():
-    reference = torch.tensor([[[0, 0, 10, 10, 0.9, 1], [5, 5, 20, 20, 0.9, 0]]]).numpy()
-    swapped = reference[:, ::-1].copy()
+    reference = np.array([[[0, 0, 10, 10, 0.9, 1], [5, 5, 20, 20, 0.9, 0], [1, 1, 2, 2, 0.1, 0]]])
+    swapped = reference[:, [1, 0, 2]].copy()
     assert top_rows_difference(swapped, reference) == 0.0
     moved = reference.copy()
     moved[0, 1, 0] += 0.5
     assert top_rows_difference(moved, reference) == pytest.approx(0.5)
+
+
+def test_rows_tied_at_the_cut_off_are_compared_by_score_only():
+    """Random weights score every anchor alike: which of them are kept is arbitrary, the scores are not."""
+    reference = np.array([[[0, 0, 10, 10, 0.9, 1], [5, 5, 20, 20, 0.2, 0], [7, 7, 9, 9, 0.2, 1]]])
+    other_anchor = reference.copy()
+    other_anchor[0, 2, :4] = [50, 50, 60, 60]  # another of the tied rows was kept
+    assert top_rows_difference(other_anchor, reference) == 0.0
+    other_anchor[0, 2, 4] = 0.25
+    assert top_rows_difference(other_anchor, reference) == pytest.approx(0.05)
 
 
 @pytest.mark.slow
