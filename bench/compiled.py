@@ -9,10 +9,12 @@ float32, CPU), each called as ``Engine.infer`` calls the model (uint8 batch conv
 - ``eager``: the detector itself;
 - ``compile``: ``torch.compile`` (inductor, default mode) with the batch dimension marked dynamic
   (``maybe_mark_dynamic``: batch 1 still gets its own graph); compiled at its first calls;
-- ``aoti``: ``model.compiled.build(..., "aoti")``: ``torch.export`` with a dynamic batch (1..``--max-batch``), then
-  ``torch._inductor.aoti_compile_and_package``, one package per input shape, then loaded;
-- ``openvino``: ``model.compiled.build(..., "openvino")``: the same export converted by ``openvino.convert_model``
-  and saved as IR, one per shape, then read and compiled by OpenVINO's CPU plugin.
+- ``aoti``: ``model.compiled.build``: ``torch.export`` with a dynamic batch (1..``--max-batch``), then
+  ``torch._inductor.aoti_compile_and_package``, one package per input shape, then loaded (what the service runs
+  with the opt-in compiled model);
+- ``openvino``: the same export converted by ``openvino.convert_model`` and saved as IR, one per shape, then read
+  and compiled by OpenVINO's CPU plugin (its ``EmbeddingBagOffsets`` takes static shapes only: the graph reads
+  AKConv's corners with a ``Gather`` instead, :func:`gather_corners`).
 
 Inputs: ``bus.jpg`` and ``zidane.jpg`` (ultralytics' assets) decoded and letterboxed as the service does
 (``service.images``), which gives two input shapes (3:4 and 16:9 at the model's size), and a held-out synthetic
@@ -47,7 +49,18 @@ from bench.letterbox_accuracy import crop
 from bench.model import Forward, as_served, torch_forward
 from model.build import Detector, build_model
 from model.checkpoint import DEFAULT_BUNDLE, load
-from model.compiled import Backend, CompiledDetector, Shape, artefact_file, build, load_runner, top_rows_difference
+from model.compiled import (
+    CompiledDetector,
+    Runner,
+    Shape,
+    artefact_key,
+    build,
+    export,
+    load_runner,
+    package_path,
+    top_rows_difference,
+    weights_sha256,
+)
 from model.synthetic import SPLITS, render
 from service.images import Decoded, decode, letterbox
 
@@ -99,23 +112,85 @@ def compile_contender(eager: Detector) -> tuple[Forward, torch.nn.Module]:
     return torch_forward(call, torch.device("cpu"), torch.float32), compiled
 
 
+CORNERS = 4  # reads per AKConv sample (model.akconv.corner_reads)
+
+
+def gather_corners(ov_model: object) -> None:
+    """Replace each ``EmbeddingBagOffsets`` of an OpenVINO model by Gather → × weight → sum over each bag of 4.
+
+    OpenVINO's CPU plugin compiles ``EmbeddingBagOffsets`` (AKConv's inference gather) for static shapes only; the
+    bags always hold the four corner reads of one sample (``model.akconv.corner_reads``), so the bag sum is a
+    reshape and a ReduceSum, which take a dynamic batch.
+    """
+    import openvino.opset13 as ops
+
+    for node in ov_model.get_ordered_ops():
+        if not node.get_type_name().startswith("EmbeddingBagOffsets"):
+            continue
+        inputs = [source.get_source_output() for source in node.inputs()]
+        table, index, weight = inputs[0], inputs[1], inputs[-1]  # (P, C), (M·4,), (M·4,)
+        channels = table.get_partial_shape()[1].get_length()
+        rows = ops.gather(table, index, ops.constant(np.int64(0)))  # (M·4, C)
+        rows = ops.multiply(rows, ops.unsqueeze(weight, ops.constant(np.int64(1))))
+        rows = ops.reshape(rows, ops.constant(np.array([-1, CORNERS, channels], dtype=np.int64)), False)  # (M, 4, C)
+        node.output(0).replace(ops.reduce_sum(rows, ops.constant(np.int64(1)), False).output(0))  # (M, C)
+    ov_model.validate_nodes_and_infer_types()
+
+
+def openvino_ir(eager: Detector, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
+    """OpenVINO IR of ``eager`` at ``shape``, batch 1..``max_batch`` (``model.compiled.export``), in ``cache_dir``."""
+    import openvino
+
+    compiler = f"openvino {openvino.get_version()} torch {torch.__version__}"
+    path = cache_dir / f"{artefact_key(weights_sha256(eager), shape, max_batch, compiler)}.xml"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ov_model = openvino.convert_model(export(eager, shape, max_batch).run_decompositions())
+        gather_corners(ov_model)
+        ov_model.reshape({ov_model.inputs[0]: openvino.PartialShape([openvino.Dimension(1, max_batch), 3, *shape])})
+        openvino.save_model(ov_model, str(path), compress_to_fp16=False)  # fp16 weights would move rows by ~1e-2
+    return path
+
+
+def openvino_runner(path: Path, threads: int) -> Runner:
+    import openvino
+
+    core = openvino.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",  # one stream: one batch at a time, all threads on it
+        "INFERENCE_PRECISION_HINT": "f32",  # else bf16 on CPUs that have it
+    }
+    request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer({0: images.contiguous().numpy()})[0].copy())  # its buffer is reused
+
+    return run
+
+
 def artefact_contender(
-    eager: Detector, backend: Backend, shapes: list[Shape], max_batch: int, cache_dir: Path, threads: int
+    eager: Detector, contender: str, shapes: list[Shape], max_batch: int, cache_dir: Path, threads: int
 ) -> tuple[Forward, float | None, float]:
     """(forward, seconds to build the artefacts missing from ``cache_dir`` or None when none was, seconds to load)."""
     build_s, load_s, runners, built = 0.0, 0.0, {}, False
     for shape in shapes:
-        path = artefact_file(eager, backend, shape, max_batch, cache_dir)
-        state = "cached"
-        if not path.exists():
-            started = time.perf_counter()
-            build(eager, backend, shape, max_batch, cache_dir)
-            build_s, built, state = build_s + time.perf_counter() - started, True, "built"
         started = time.perf_counter()
-        runners[shape] = load_runner(path, backend, threads)
+        if contender == "aoti":
+            path = package_path(eager, shape, max_batch, cache_dir)
+            state = "cached" if path.exists() else "built"
+            if state == "built":
+                build(eager, shape, max_batch, cache_dir)
+        else:
+            state = "cached" if any(cache_dir.glob(f"openvino-{shape[0]}x{shape[1]}-b{max_batch}-*.xml")) else "built"
+            path = openvino_ir(eager, shape, max_batch, cache_dir)
+        if state == "built":
+            build_s, built = build_s + time.perf_counter() - started, True
+        started = time.perf_counter()
+        runners[shape] = load_runner(path) if contender == "aoti" else openvino_runner(path, threads)
         load_s += time.perf_counter() - started
-        print(f"  {backend} {shape[0]}x{shape[1]}: {state} {path}", flush=True)
-    detector = CompiledDetector(eager, runners, max_batch, backend)
+        print(f"  {contender} {shape[0]}x{shape[1]}: {state} {path}", flush=True)
+    detector = CompiledDetector(eager, runners, max_batch)
     return torch_forward(detector, torch.device("cpu"), torch.float32), (build_s if built else None), load_s
 
 

@@ -1,18 +1,20 @@
-"""Ahead-of-time compiled forwards of a :class:`~model.build.Detector`: OpenVINO IR or AOTInductor packages.
+"""An AOTInductor-compiled forward of a :class:`~model.build.Detector`, built once, loaded in a fraction of a second.
 
-One artefact per input shape (H, W), with a dynamic batch dimension 1..``max_batch``: both compilers need a static
-H × W here (AKConv's inference gather, ``embedding_bag``, computes its bag offsets from the input size, which
-``torch.export`` cannot keep symbolic; OpenVINO's CPU plugin runs its ``EmbeddingBagOffsets`` only on static shapes,
-so the OpenVINO graph reads the four corners with a ``Gather`` instead, see :func:`_gather_corners`).
+Measured against eager, ``torch.compile`` and OpenVINO in ``bench/compiled.py`` (see "Compiled model" in
+bench/README.md): on 2 CPU cores, 21–26% less time per batch for the bundled model at 384 and 1–10% for the seed
+recipe's model at 640, rows within 3.1e-5 of eager; compiling takes minutes, so it is done once, ahead of serving
+(:func:`build`, ``python -m model compile``), never at start.
 
-Artefacts are built once (:func:`build`; ``python -m model compile``) into a cache directory, named by a key of
-everything that changes them (:func:`artefact_key`: the fused weights' sha256, the shape and batch bound, the
-backend and its version, torch's version), and loaded in seconds (:func:`load_runner`). :func:`compiled_detector`
-puts the loaded ones in front of the eager detector: a shape or batch size with no artefact, an artefact that is
-missing, fails to load or disagrees with eager on a probe batch, all run eager, with a log line saying why.
+One package per input shape (H, W), with a dynamic batch dimension 1..``max_batch``: AKConv's inference gather
+(``embedding_bag``) computes its bag offsets from the input size, which ``torch.export`` cannot keep symbolic, so
+H × W are static. Packages live in a cache directory, named by a key of everything that changes them
+(:func:`artefact_key`: the fused weights' sha256, the shape, the batch bound, torch's version and the CPU vector
+ISA the code is built for). :func:`compiled_detector` puts the loaded ones in front of the eager detector: a shape
+or batch size with no package, a package that fails to load or whose rows differ from eager's on a probe batch,
+all run eager, with a log line saying why.
 
-An AOTInductor package is native code (a shared library) and is loaded as such: a cache directory must be as
-trusted as the Python installation. An OpenVINO IR is data (graph XML and weights), compiled by OpenVINO at load.
+A package is native code (a shared library) and is loaded as such: the cache directory must be as trusted as the
+Python installation (written by whoever deploys the service, never by a request or a model file).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -36,23 +37,12 @@ from model.build import Detector
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["openvino", "aoti"]
-BACKENDS: tuple[Backend, ...] = ("openvino", "aoti")
 Shape = tuple[int, int]  # (height, width) of the model input, pixels
 Runner = Callable[[torch.Tensor], torch.Tensor]  # images float32 (B, 3, H, W) in [0, 1] -> rows (B, K, 6)
 
-PROBE_TOLERANCE = 1e-3  # max |Δ| of the probe's top rows, compiled vs eager, for an artefact to be used
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "akconv-detector" / "compiled"
+PROBE_TOLERANCE = 1e-3  # max |Δ| of the probe's rows, compiled vs eager, for a package to be used
 PROBE_TOP_ROWS = 20
-CORNERS = 4  # reads per AKConv sample (model.akconv.corner_reads)
-
-
-def backend_version(backend: Backend) -> str:
-    """The version of the compiler behind ``backend`` (raises ImportError when it is not installed)."""
-    if backend == "openvino":
-        import openvino
-
-        return openvino.get_version()
-    return torch.__version__
 
 
 def weights_sha256(detector: Detector) -> str:
@@ -67,24 +57,26 @@ def weights_sha256(detector: Detector) -> str:
     return digest.hexdigest()
 
 
-def artefact_key(weights: str, backend: Backend, shape: Shape, max_batch: int) -> str:
-    """File stem of an artefact: what it is, readable, then a hash of everything that changes it."""
-    parts = [weights, backend, backend_version(backend), torch.__version__, f"{shape[0]}x{shape[1]}", str(max_batch)]
-    if backend == "aoti":
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+def aoti_compiler() -> str:
+    """What an AOTInductor package depends on besides the model: torch's version and the CPU's vector ISA, as ATen
+    detects it (inductor's own probe compiles a test program: 6 s at every start). A package built for AVX-512 and
+    loaded on a CPU without it would die of an illegal instruction, so a cache moved to such a CPU misses instead."""
+    return f"aoti torch {torch.__version__} isa {torch.backends.cpu.get_cpu_capability()}"
 
-        parts.append(str(pick_vec_isa()))  # the package's code is built for this ISA
+
+def artefact_key(weights: str, shape: Shape, max_batch: int, compiler: str) -> str:
+    """File stem of an artefact: what it is, readable, then a hash of everything that changes it.
+
+    ``compiler`` names the compiler and its versions (:func:`aoti_compiler`); its first word starts the stem.
+    """
+    parts = [weights, compiler, f"{shape[0]}x{shape[1]}", str(max_batch)]
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return f"{backend}-{shape[0]}x{shape[1]}-b{max_batch}-{digest}"
+    return f"{compiler.split()[0]}-{shape[0]}x{shape[1]}-b{max_batch}-{digest}"
 
 
-def artefact_path(cache_dir: Path, key: str, backend: Backend) -> Path:
-    return cache_dir / (f"{key}.pt2" if backend == "aoti" else f"{key}.xml")
-
-
-def artefact_file(detector: Detector, backend: Backend, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
-    """Where :func:`build` writes (and :func:`compiled_detector` looks for) this detector's artefact."""
-    return artefact_path(cache_dir, artefact_key(weights_sha256(detector), backend, shape, max_batch), backend)
+def package_path(detector: Detector, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
+    """Where :func:`build` writes (and :func:`compiled_detector` looks for) this detector's package."""
+    return cache_dir / f"{artefact_key(weights_sha256(detector), shape, max_batch, aoti_compiler())}.pt2"
 
 
 @contextlib.contextmanager
@@ -114,80 +106,29 @@ def export(detector: Detector, shape: Shape, max_batch: int) -> torch.export.Exp
         return torch.export.export(detector, (example,), dynamic_shapes={"images": {0: batch}})
 
 
-def _gather_corners(model: object) -> None:
-    """Replace each ``EmbeddingBagOffsets`` of an OpenVINO model by Gather → × weight → sum over each bag of 4.
+def build(detector: Detector, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
+    """Export and compile ``detector`` for one input shape into ``cache_dir``; returns the package's path.
 
-    OpenVINO's CPU plugin compiles ``EmbeddingBagOffsets`` for static shapes only; AKConv's bags always hold the
-    four corner reads of one sample (``model.akconv.corner_reads``), so the bag sum is a reshape and a ReduceSum.
-    """
-    import openvino.opset13 as ops
-
-    for node in model.get_ordered_ops():
-        if not node.get_type_name().startswith("EmbeddingBagOffsets"):
-            continue
-        inputs = [source.get_source_output() for source in node.inputs()]
-        table, index, weight = inputs[0], inputs[1], inputs[-1]  # (P, C), (M·4,), (M·4,)
-        channels = table.get_partial_shape()[1].get_length()
-        rows = ops.gather(table, index, ops.constant(np.int64(0)))  # (M·4, C)
-        rows = ops.multiply(rows, ops.unsqueeze(weight, ops.constant(np.int64(1))))
-        rows = ops.reshape(rows, ops.constant(np.array([-1, CORNERS, channels], dtype=np.int64)), False)  # (M, 4, C)
-        node.output(0).replace(ops.reduce_sum(rows, ops.constant(np.int64(1)), False).output(0))  # (M, C)
-    model.validate_nodes_and_infer_types()
-
-
-def _write_openvino(program: torch.export.ExportedProgram, shape: Shape, max_batch: int, path: Path) -> None:
-    import openvino
-
-    model = openvino.convert_model(program.run_decompositions())
-    _gather_corners(model)
-    model.reshape({model.inputs[0]: openvino.PartialShape([openvino.Dimension(1, max_batch), 3, *shape])})
-    openvino.save_model(model, str(path), compress_to_fp16=False)  # fp16 weights would move the rows by ~1e-2
-
-
-def build(detector: Detector, backend: Backend, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
-    """Export and compile ``detector`` for one input shape into ``cache_dir``; returns the artefact's path.
-
-    Written into a temporary directory beside it and moved into place, so a crash never leaves half an artefact
-    under its final name. Takes tens of seconds to minutes on a CPU (an AOTInductor build runs a C++ compiler).
+    Written in a temporary directory beside it and moved into place, so a crash never leaves half a package under
+    its final name. Takes minutes on a CPU (it runs a C++ compiler): at build time, not at start.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = artefact_file(detector, backend, shape, max_batch, cache_dir)
+    path = package_path(detector, shape, max_batch, cache_dir)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{path.stem}-") as scratch:
         staged = Path(scratch) / path.name
-        program = export(detector, shape, max_batch)
-        if backend == "openvino":
-            _write_openvino(program, shape, max_batch, staged)
-            os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))  # weights first: the .xml names them
-        else:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+        torch._inductor.aoti_compile_and_package(export(detector, shape, max_batch), package_path=str(staged))
         os.replace(staged, path)
     return path
 
 
-def load_runner(path: Path, backend: Backend, threads: int | None = None) -> Runner:
-    """Load an artefact written by :func:`build`. Not thread-safe: one caller at a time (the engine's worker)."""
-    if backend == "openvino":
-        import openvino
-
-        core = openvino.Core()
-        config = {
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-            "PERFORMANCE_HINT": "LATENCY",  # one stream: one batch at a time, all threads on it
-            "INFERENCE_PRECISION_HINT": "f32",  # else bf16 on CPUs that have it
-        }
-        request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
-
-        def run_openvino(images: torch.Tensor) -> torch.Tensor:
-            outputs = request.infer({0: images.contiguous().numpy()})
-            return torch.from_numpy(outputs[0].copy())  # the request reuses its output buffer
-
-        return run_openvino
+def load_runner(path: Path) -> Runner:
+    """Load a package written by :func:`build` (a fraction of a second)."""
     package = torch._inductor.aoti_load_package(str(path))
 
-    def run_aoti(images: torch.Tensor) -> torch.Tensor:
+    def run(images: torch.Tensor) -> torch.Tensor:
         return package(images.contiguous(memory_format=torch.channels_last))
 
-    return run_aoti
+    return run
 
 
 def top_rows_difference(
@@ -222,14 +163,14 @@ class CompiledDetector:
     """The eager detector with compiled runners in front of it, by input shape.
 
     Called like :class:`~model.build.Detector` (images float32 (B, 3, H, W) in [0, 1] -> rows (B, K, 6)); a
-    batch whose shape has no runner, or larger than ``max_batch``, runs eager.
+    batch whose shape has no runner, or larger than ``max_batch``, runs eager. One caller at a time (the engine's
+    worker thread).
     """
 
-    def __init__(self, eager: Detector, runners: dict[Shape, Runner], max_batch: int, backend: Backend) -> None:
+    def __init__(self, eager: Detector, runners: dict[Shape, Runner], max_batch: int) -> None:
         self.eager = eager
         self.runners = runners
         self.max_batch = max_batch
-        self.backend = backend
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         runner = self.runners.get(tuple(images.shape[2:]))
@@ -240,79 +181,72 @@ class CompiledDetector:
 
 @dataclass
 class Prepared:
-    """What :func:`compiled_detector` did for each shape: ``loaded``, ``built``, or why it runs eager."""
+    """What :func:`compiled_detector` did for each shape: ``loaded``, ``built``, or why it runs eager; and how long
+    it took."""
 
     detector: CompiledDetector
     status: dict[Shape, str]
     seconds: float
 
 
-def compiled_detector(
-    eager: Detector,
-    backend: Backend,
-    shapes: Sequence[Shape],
-    max_batch: int,
-    cache_dir: Path,
-    *,
-    build_missing: bool = False,
-    threads: int | None = None,
-) -> Prepared:
-    """Load (and with ``build_missing``, first build) the artefact of each shape, probe it against ``eager``.
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
-    Never raises for a compiler's sake: a backend that is not installed, an artefact that is missing, fails to build
-    or load, or whose probe rows differ from eager's by more than :data:`PROBE_TOLERANCE`, leaves that shape to
-    eager, with a warning naming the shape and the reason.
+
+def compiled_detector(
+    eager: Detector, shapes: Sequence[Shape], max_batch: int, cache_dir: Path, *, build_missing: bool = False
+) -> Prepared:
+    """Load (with ``build_missing``, first build) the package of each shape and probe it against ``eager``.
+
+    Never raises for the compiler's sake: a detector that is not float32 on the CPU, a package that is missing,
+    fails to build or load, or whose probe rows differ from eager's by more than :data:`PROBE_TOLERANCE`, leaves
+    that shape to eager, with a warning naming the shape and the reason.
     """
     started = time.perf_counter()
     runners: dict[Shape, Runner] = {}
     status: dict[Shape, str] = {}
-    try:
-        backend_version(backend)
-    except ImportError as error:
-        log.warning("compiled model: %s is not installed (%s); running eager", backend, error)
-        return Prepared(
-            CompiledDetector(eager, {}, max_batch, backend), dict.fromkeys(shapes, "eager: not installed"), 0.0
+    parameter = next(eager.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        log.warning(
+            "compiled model: packages are built for float32 on the CPU, not %s on %s; running eager",
+            parameter.dtype,
+            parameter.device,
         )
+        return Prepared(CompiledDetector(eager, {}, max_batch), dict.fromkeys(shapes, "eager: not cpu float32"), 0.0)
     for shape in shapes:
-        path = artefact_file(eager, backend, shape, max_batch, cache_dir)
+        name = f"{shape[0]}x{shape[1]}"
         try:
-            built = False
+            path = package_path(eager, shape, max_batch, cache_dir)
+            state = "loaded"
             if not path.exists():
                 if not build_missing:
-                    status[shape] = "eager: no artefact"
+                    status[shape] = "eager: no package"
                     log.warning(
-                        "compiled model: no %s artefact for %sx%s in %s; that shape runs eager (build it "
-                        "with python -m model compile)",
-                        backend,
-                        *shape,
+                        "compiled model: no package for %s (batch <= %d) in %s; that shape runs eager "
+                        "(build it with python -m model compile)",
+                        name,
+                        max_batch,
                         cache_dir,
                     )
                     continue
-                build(eager, backend, shape, max_batch, cache_dir)
-                built = True
-            runner = load_runner(path, backend, threads)
+                build(eager, shape, max_batch, cache_dir)
+                state = "built"
+            runner = load_runner(path)
             difference = probe(runner, eager, shape)
-        except Exception as error:  # a compiler can fail in many ways; the shape runs eager, and says why
+        except Exception as error:  # a compiler fails in many ways; the shape runs eager, and the log says why
             status[shape] = f"eager: {type(error).__name__}"
-            log.warning(
-                "compiled model: %s for %sx%s failed (%s: %s); that shape runs eager",
-                backend,
-                *shape,
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
+            log.warning("compiled model: %s failed (%s); that shape runs eager", name, _first_line(error))
             continue
         if not difference <= PROBE_TOLERANCE:
             status[shape] = f"eager: probe differs by {difference:.1e}"
             log.warning(
-                "compiled model: %s for %sx%s differs from eager by %.1e (> %.0e); that shape runs eager",
-                backend,
-                *shape,
+                "compiled model: %s differs from eager by %.1e (> %.0e); that shape runs eager",
+                name,
                 difference,
                 PROBE_TOLERANCE,
             )
             continue
         runners[shape] = runner
-        status[shape] = "built" if built else "loaded"
-    seconds = time.perf_counter() - started
-    return Prepared(CompiledDetector(eager, runners, max_batch, backend), status, seconds)
+        status[shape] = state
+    return Prepared(CompiledDetector(eager, runners, max_batch), status, time.perf_counter() - started)

@@ -9,7 +9,7 @@ import torch
 
 from model import compiled
 from model.build import build_model, fuse_for_inference
-from model.compiled import CompiledDetector, artefact_file, artefact_key, compiled_detector, top_rows_difference
+from model.compiled import CompiledDetector, artefact_key, compiled_detector, package_path, top_rows_difference
 
 # The smallest YOLOv10 with an AKConv layer: building and exporting it takes seconds, not minutes.
 TINY = {
@@ -53,22 +53,23 @@ class Recorder:
 @torch.inference_mode()
 def test_a_runner_takes_its_shape_up_to_the_batch_bound_and_eager_the_rest(tiny):
     runner = Recorder(tiny)
-    detector = CompiledDetector(tiny, {SHAPE: runner}, max_batch=2, backend="openvino")
+    detector = CompiledDetector(tiny, {SHAPE: runner}, max_batch=2)
     detector(images(2))
     detector(images(3))  # above the bound
     detector(images(1, (96, 64)))  # no runner for this shape
     assert runner.calls == [(2, 3, *SHAPE)]
 
 
-def test_the_key_changes_with_everything_baked_into_an_artefact(tiny):
-    weights = compiled.weights_sha256(tiny)
-    key = artefact_key(weights, "openvino", SHAPE, 8)
-    assert key.startswith("openvino-64x96-b8-")
+def test_the_key_changes_with_everything_baked_into_a_package(tiny):
+    weights, compiler = compiled.weights_sha256(tiny), compiled.aoti_compiler()
+    key = artefact_key(weights, SHAPE, 8, compiler)
+    assert key.startswith("aoti-64x96-b8-")
+    assert "isa" in compiler and torch.__version__ in compiler
     others = {
-        artefact_key("0" * 64, "openvino", SHAPE, 8),
-        artefact_key(weights, "openvino", (96, 64), 8),
-        artefact_key(weights, "openvino", SHAPE, 4),
-        artefact_key(weights, "aoti", SHAPE, 8),
+        artefact_key("0" * 64, SHAPE, 8, compiler),
+        artefact_key(weights, (96, 64), 8, compiler),
+        artefact_key(weights, SHAPE, 4, compiler),
+        artefact_key(weights, SHAPE, 8, compiler.replace(torch.__version__, "2.99.0")),
     }
     assert key not in others and len(others) == 4
     other = fuse_for_inference(build_model(TINY).eval())  # other random weights
@@ -76,46 +77,39 @@ def test_the_key_changes_with_everything_baked_into_an_artefact(tiny):
 
 
 @torch.inference_mode()
-def test_without_an_artefact_every_shape_runs_eager_and_says_so(tiny, tmp_path, caplog):
-    pytest.importorskip("openvino")
+def test_without_a_package_every_shape_runs_eager_and_says_so(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="model.compiled"):
-        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
-    assert prepared.status == {SHAPE: "eager: no artefact"}
+        prepared = compiled_detector(tiny, [SHAPE], 8, tmp_path)
+    assert prepared.status == {SHAPE: "eager: no package"}
     assert prepared.detector.runners == {}
-    assert "no openvino artefact for 64x96" in caplog.text and "python -m model compile" in caplog.text
+    assert "no package for 64x96" in caplog.text and "python -m model compile" in caplog.text
     assert torch.equal(prepared.detector(images(1)), tiny(images(1)))
 
 
-def test_a_backend_that_is_not_installed_leaves_eager(tiny, tmp_path, monkeypatch, caplog):
-    def missing(backend):
-        raise ImportError(f"No module named {backend!r}")
-
-    monkeypatch.setattr(compiled, "backend_version", missing)
+def test_a_damaged_package_leaves_its_shape_eager(tiny, tmp_path, caplog):
+    package_path(tiny, SHAPE, 8, tmp_path).write_text("not a package")
     with caplog.at_level(logging.WARNING, logger="model.compiled"):
-        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path, build_missing=True)
-    assert prepared.status == {SHAPE: "eager: not installed"}
-    assert "openvino is not installed" in caplog.text
-
-
-def test_a_damaged_artefact_leaves_its_shape_eager(tiny, tmp_path, caplog):
-    pytest.importorskip("openvino")
-    path = artefact_file(tiny, "openvino", SHAPE, 8, tmp_path)
-    path.write_text("<not a model>")
-    with caplog.at_level(logging.WARNING, logger="model.compiled"):
-        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
+        prepared = compiled_detector(tiny, [SHAPE], 8, tmp_path)
     assert prepared.status[SHAPE].startswith("eager: ")
     assert prepared.detector.runners == {}
-    assert "openvino for 64x96 failed" in caplog.text
+    assert "64x96 failed" in caplog.text
 
 
 def test_a_runner_that_disagrees_with_eager_is_not_used(tiny, tmp_path, monkeypatch, caplog):
-    pytest.importorskip("openvino")
-    artefact_file(tiny, "openvino", SHAPE, 8, tmp_path).touch()
-    monkeypatch.setattr(compiled, "load_runner", lambda path, backend, threads: Recorder(tiny, offset=0.01))
+    package_path(tiny, SHAPE, 8, tmp_path).touch()
+    monkeypatch.setattr(compiled, "load_runner", lambda path: Recorder(tiny, offset=0.01))
     with caplog.at_level(logging.WARNING, logger="model.compiled"):
-        prepared = compiled_detector(tiny, "openvino", [SHAPE], 8, tmp_path)
+        prepared = compiled_detector(tiny, [SHAPE], 8, tmp_path)
     assert prepared.status == {SHAPE: "eager: probe differs by 1.0e-02"}
     assert "differs from eager by 1.0e-02" in caplog.text
+
+
+def test_a_detector_that_is_not_float32_on_the_cpu_runs_eager(tiny, tmp_path, caplog):
+    half = fuse_for_inference(build_model(TINY).eval()).half()
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        prepared = compiled_detector(half, [SHAPE], 8, tmp_path, build_missing=True)
+    assert prepared.status == {SHAPE: "eager: not cpu float32"}
+    assert not any(tmp_path.iterdir()), "nothing is built"
 
 
 def test_top_rows_are_matched_whatever_their_order():
@@ -139,16 +133,14 @@ def test_rows_tied_at_the_cut_off_are_compared_by_score_only():
 
 @pytest.mark.slow
 @torch.inference_mode()
-@pytest.mark.parametrize("backend", ["openvino", "aoti"])
-def test_built_once_then_loaded_rows_match_eager_at_every_batch_size(tiny, tmp_path: Path, backend):
-    if backend == "openvino":
-        pytest.importorskip("openvino")
+def test_built_once_then_loaded_rows_match_eager_at_every_batch_size(tiny, tmp_path: Path):
     expected = {batch: tiny(images(batch)) for batch in (1, 3, 4)}
-    built = compiled_detector(tiny, backend, [SHAPE], 4, tmp_path, build_missing=True)
+    built = compiled_detector(tiny, [SHAPE], 4, tmp_path, build_missing=True)
     assert built.status == {SHAPE: "built"}
     for batch, rows in expected.items():
         assert torch.allclose(tiny(images(batch)), rows), "exporting changed the eager detector"
-    loaded = compiled_detector(tiny, backend, [SHAPE], 4, tmp_path)  # what a restart does: load, no build
+    assert [path.name for path in tmp_path.iterdir()] == [package_path(tiny, SHAPE, 4, tmp_path).name]
+    loaded = compiled_detector(tiny, [SHAPE], 4, tmp_path)  # what a restart does: load, no build
     assert loaded.status == {SHAPE: "loaded"}
     for batch, rows in expected.items():
         out = loaded.detector(images(batch))
