@@ -102,14 +102,14 @@ def detections_agree(rows: np.ndarray, reference: np.ndarray) -> tuple[bool, int
     return agree, count
 
 
-def compile_contender(eager: Detector) -> tuple[Forward, torch.nn.Module]:
+def compile_contender(eager: Detector) -> Forward:
     compiled = torch.compile(eager)
 
     def call(images: torch.Tensor) -> torch.Tensor:
         torch._dynamo.maybe_mark_dynamic(images, 0)
         return compiled(images)
 
-    return torch_forward(call, torch.device("cpu"), torch.float32), compiled
+    return torch_forward(call, torch.device("cpu"), torch.float32)
 
 
 CORNERS = 4  # reads per AKConv sample (model.akconv.corner_reads)
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{contender}: compiling", flush=True)
         try:
             if contender == "compile":
-                forwards[contender], compiled = compile_contender(eager)
+                forwards[contender] = compile_contender(eager)
                 started = time.perf_counter()
                 for batch in batches.values():
                     forwards[contender](batch)  # compiles: one graph per shape, batch 1 and dynamic
