@@ -44,6 +44,7 @@ from bench.akconv import seed_class
 from bench.common import print_table, time_ms, write_results
 from model.build import Detector, akconv_layers, build_model, fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, load
+from model.compiled import top_rows_difference
 from model.synthetic import SPLITS
 
 VARIANTS = ("seed", "eager", "compiled", "onnx")
@@ -142,18 +143,9 @@ def sample_images(count: int, size: int) -> torch.Tensor:
 
 
 def output_difference(rows: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max |Δ| of the sorted scores, max |Δ| of the reference's top rows vs their nearest rows), over all images.
-
-    Rows come sorted by score, so near-equal scores may swap places between runtimes; matching rows by nearest
-    neighbour makes the comparison blind to that order.
-    """
+    """(max |Δ| of the sorted scores, max |Δ| of those and the top rows, ``model.compiled.top_rows_difference``)."""
     score_diff = np.abs(np.sort(rows[..., 4], axis=-1) - np.sort(reference[..., 4], axis=-1)).max()
-    row_diff = 0.0
-    for image_rows, image_reference in zip(rows, reference, strict=True):
-        top = image_reference[:CHECK_TOP_ROWS]  # (T, 6)
-        distance = np.abs(top[:, None, :] - image_rows[None, :, :]).max(axis=-1)  # (T, K)
-        row_diff = max(row_diff, float(distance.min(axis=1).max()))
-    return float(score_diff), row_diff
+    return float(score_diff), top_rows_difference(rows, reference, CHECK_TOP_ROWS)
 
 
 def main(argv: list[str] | None = None) -> None:

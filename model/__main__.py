@@ -1,4 +1,4 @@
-"""``python -m model``: train, convert, inspect and evaluate YOLOv10-AKConv models.
+"""``python -m model``: train, convert, inspect, evaluate and compile YOLOv10-AKConv models.
 
 A model file that cannot be used ends the command with one line on stderr naming the file and what to do, and the
 exit status of its kind (see :class:`model.checkpoint.CheckpointError`: 4 not found, 5 damaged, 6 refused, 7 parts
@@ -97,6 +97,22 @@ def main(argv: list[str] | None = None) -> None:
         help="side of the rendered images; resized to the model's input size as the service does (default: that size)",
     )  # fmt: skip
 
+    compile_ = commands.add_parser(
+        "compile",
+        formatter_class=_ShowDefaults,
+        help="build the AOTInductor packages of a model that the service's compiled model loads (model/compiled.py)",
+    )
+    compile_.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
+    compile_.add_argument("--cache-dir", type=Path, default=None, help="default: model.compiled.DEFAULT_CACHE_DIR")
+    compile_.add_argument(
+        "--size", type=int, default=None, help="the service's input_size (default: the model's input size)"
+    )
+    compile_.add_argument(
+        "--shapes", default=None,
+        help="input shapes HxW, comma-separated (default: the service's warm-up shapes at --size)",
+    )  # fmt: skip
+    compile_.add_argument("--max-batch", type=int, default=8, help="the service's max_batch_size")
+
     args = parser.parse_args(argv)
     from model.checkpoint import CheckpointError
 
@@ -157,10 +173,38 @@ def run(args: argparse.Namespace) -> None:
 
         description = describe(args.model)
         print(json.dumps(description, indent=2) if args.json else _as_text(description))
+    elif args.command == "compile":
+        _compile(args)
     else:
         from model.evaluate import evaluate_synthetic
 
         print(json.dumps(evaluate_synthetic(args.model, args.count, args.first_seed, args.size), indent=2))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    """Build the missing package of each shape (those in the cache are loaded and probed), one line per shape."""
+    import torch
+
+    from model.build import fuse_for_inference
+    from model.checkpoint import load
+    from model.compiled import DEFAULT_CACHE_DIR, compiled_detector
+
+    loaded = load(args.model)
+    size = args.size or loaded.metadata.input_size
+    if args.shapes:
+        shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
+    else:
+        from service.batch_policy import served_shapes  # the shapes the service warms up (needs the server extra)
+
+        shapes = served_shapes(size)
+    detector = fuse_for_inference(loaded.model).to(memory_format=torch.channels_last)
+    cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
+    prepared = compiled_detector(detector, shapes, args.max_batch, cache_dir, build_missing=True)
+    for shape, status in prepared.status.items():
+        print(f"{shape[0]}x{shape[1]}: {status}")
+    print(f"packages of {loaded.metadata.name} in {cache_dir} ({prepared.seconds:.0f} s)")
+    if len(prepared.detector.runners) < len(shapes):
+        sys.exit(1)
 
 
 def _as_text(description: dict[str, Any]) -> str:
