@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     compile_.add_argument(
         "--shapes", default=None,
-        help="input shapes HxW, comma-separated (default: the service's warm-up shapes at --size)",
+        help="input shapes HxW, comma-separated (default: the square --size x --size); the service's warm-up shapes "
+        "are in its start log and GET /v1/model (batch_policy), e.g. 640x640,480x640,640x480,384x640,640x384 at 640",
     )  # fmt: skip
     compile_.add_argument("--max-batch", type=int, default=8, help="the service's max_batch_size")
 
@@ -194,9 +195,7 @@ def _compile(args: argparse.Namespace) -> None:
     if args.shapes:
         shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     else:
-        from service.batch_policy import served_shapes  # the shapes the service warms up (needs the server extra)
-
-        shapes = served_shapes(size)
+        shapes = [(size, size)]  # the service's other shapes are its own (service/batch_policy.py): model/ imports none
     detector = fuse_for_inference(loaded.model).to(memory_format=torch.channels_last)
     cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
     prepared = compiled_detector(detector, shapes, args.max_batch, cache_dir, build_missing=True)

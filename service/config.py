@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     max_decode_pixels: int = Field(
         100_000_000, ge=1, description="pixels of images waiting to decode or decoding (503 beyond)"
     )
+    compiled_dir: Path | None = Field(
+        None,
+        description="run the AOTInductor packages built by python -m model compile from this folder (CPU, fp32); "
+        "shapes without one run eager",
+    )
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request headers (431 beyond)")

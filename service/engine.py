@@ -18,7 +18,8 @@ import torch
 
 from model import Detector, akconv_layers, fuse_for_inference, load
 from model.checkpoint import ModelMetadata
-from service.batch_policy import Shape, Timings, measure
+from model.compiled import CompiledDetector, compiled_detector
+from service.batch_policy import Shape, Timings, measure, served_shapes
 from service.config import Settings
 from service.images import Letterbox, unletterbox_boxes
 from service.schemas import Detection
@@ -127,6 +128,15 @@ def detections_from_rows(
     ]
 
 
+def compiled(detector: Detector, shapes: list[Shape], settings: Settings) -> CompiledDetector:
+    """``detector`` with the AOTInductor packages of ``shapes`` in ``settings.compiled_dir`` in front of it
+    (``model/compiled.py``); a shape without a usable package runs eager, with a warning saying why."""
+    prepared = compiled_detector(detector, shapes, settings.max_batch_size, settings.compiled_dir)
+    status = {f"{height}x{width}": state for (height, width), state in prepared.status.items()}
+    log.info("compiled model", extra={"shapes": status, "seconds": round(prepared.seconds, 1)})
+    return prepared.detector
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,8 +167,12 @@ class Engine:
         self.input_size = settings.input_size or loaded.metadata.input_size
         self.akconv_layers = len(akconv_layers(loaded.model))
         self.parameters = sum(p.numel() for p in loaded.model.parameters())
-        self.detector: Detector = fuse_for_inference(loaded.model).to(self.torch_device, self.torch_dtype)
+        self.detector: Detector | CompiledDetector = fuse_for_inference(loaded.model).to(
+            self.torch_device, self.torch_dtype
+        )
         self.detector = self.detector.to(memory_format=torch.channels_last)
+        if settings.compiled_dir is not None:
+            self.detector = compiled(self.detector, served_shapes(self.input_size), settings)
 
     @property
     def name(self) -> str:
