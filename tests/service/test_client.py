@@ -135,13 +135,16 @@ def test_retry_policy_honours_retry_after_and_gives_up():
     assert policy.delay(0, response(400)) is None and policy.delay(0, response(504)) is None
 
 
+# A /detect answer without detections.
+ANSWER = {
+    "request_id": "r", "model": {"name": "m", "version": "1"}, "image": {"width": 1, "height": 1},
+    "detections": [], "batch_size": 1,
+    "timings_ms": {"queue": 0, "preprocess": 0, "inference": 0, "postprocess": 0, "total": 0},
+}  # fmt: skip
+
+
 def test_sync_client_retries_503_then_succeeds():
     calls = []
-    body = {
-        "request_id": "r", "model": {"name": "m", "version": "1"}, "image": {"width": 1, "height": 1},
-        "detections": [], "batch_size": 1,
-        "timings_ms": {"queue": 0, "preprocess": 0, "inference": 0, "postprocess": 0, "total": 0},
-    }  # fmt: skip
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
@@ -149,7 +152,7 @@ def test_sync_client_retries_503_then_succeeds():
             return httpx.Response(
                 503, headers={"retry-after": "0"}, json={"error": {"code": "queue_full", "message": "full"}}
             )
-        return httpx.Response(200, json=body)
+        return httpx.Response(200, json=ANSWER)
 
     client = DetectorClient("http://detector.invalid", backoff=0.01)
     client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
@@ -174,17 +177,12 @@ def test_the_client_side_imports_no_torch():
 
 def test_the_client_names_the_model_and_the_dedupe_threshold_in_the_query():
     queries = []
-    body = {
-        "request_id": "r", "model": {"name": "parts", "version": "7"}, "image": {"width": 1, "height": 1},
-        "detections": [], "batch_size": 1,
-        "timings_ms": {"queue": 0, "preprocess": 0, "inference": 0, "postprocess": 0, "total": 0},
-    }  # fmt: skip
 
     def handler(request: httpx.Request) -> httpx.Response:
         queries.append(dict(request.url.params))
-        return httpx.Response(200, json=body)
+        return httpx.Response(200, json=ANSWER)
 
     client = DetectorClient("http://detector.invalid")
     client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(handler))
-    assert client.detect(b"img", model="parts", dedupe=0.7, conf=0.3).model.version == "7"
+    assert client.detect(b"img", model="parts", dedupe=0.7, conf=0.3).request_id == "r"
     assert queries == [{"model": "parts", "dedupe": "0.7", "conf": "0.3"}]
