@@ -28,7 +28,7 @@ each have a row within 1e-3 and the counts agree.
 Timing: ``--rounds`` rounds; each round times one call of every contender at each (shape, batch), the contenders'
 order rotated by one each round, so a machine whose speed drifts (or is shared) disturbs all alike. Reported per
 contender: median, min and max ms, and the median of the per-round ratios to eager (same round, same input). The
-load average is recorded before and after. Writes ``bench/results/compiled-<name>-<size>-cpu.json``.
+load average is recorded before and after. Writes ``bench/results/compiled-<name>-<size>-cpu[-<tag>].json``.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="artefacts are read from / built into it; default: a temp dir"
     )
+    parser.add_argument("--tag", default=None, help="appended to the result file's name, e.g. quiet")
     args = parser.parse_args(argv)
 
     contenders = [name.strip() for name in args.contenders.split(",") if name.strip()]
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average after: {load_after} (1/5/15 min)")
     print(
         write_results(
-            f"compiled-{name}-{size}-cpu",
+            f"compiled-{name}-{size}-cpu" + (f"-{args.tag}" if args.tag else ""),
             rows,
             model=name,
             size=size,

@@ -146,3 +146,27 @@ def test_built_once_then_loaded_rows_match_eager_at_every_batch_size(tiny, tmp_p
         out = loaded.detector(images(batch))
         assert out.shape == rows.shape
         assert top_rows_difference(out.numpy(), rows.numpy()) < 1e-3
+
+
+def test_the_compile_command_builds_the_shapes_it_is_given_and_fails_when_one_runs_eager(monkeypatch, tmp_path, capsys):
+    from model.__main__ import main
+
+    calls = []
+
+    def fake(eager, shapes, max_batch, cache_dir, *, build_missing=False):
+        calls.append((list(shapes), max_batch, cache_dir, build_missing))
+        status = {shape: "built" for shape in shapes}
+        runners = {shape: eager for shape in shapes}
+        if max_batch == 4:
+            status[shapes[0]], runners = "eager: RuntimeError", {}
+        return compiled.Prepared(CompiledDetector(eager, runners, max_batch), status, 1.0)
+
+    monkeypatch.setattr(compiled, "compiled_detector", fake)
+    main(["compile", "--cache-dir", str(tmp_path)])  # the bundled model at its input size, 384
+    assert calls[-1] == ([(384, 384)], 8, tmp_path, True)  # the square; the service's other shapes by --shapes
+    assert "384x384: built" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", "--shapes", "64x96,96x64", "--max-batch", "4", "--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert calls[-1][:2] == ([(64, 96), (96, 64)], 4)
+    assert "64x96: eager: RuntimeError" in capsys.readouterr().out
