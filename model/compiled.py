@@ -223,8 +223,11 @@ def compiled_detector(
                 if not build_missing:
                     status[shape] = "eager: no package"
                     log.warning(
-                        "compiled model: no package for %s (batch <= %d) in %s; that shape runs eager "
-                        "(build it with python -m model compile)",
+                        "compiled model: no package for %s (batch <= %d) in %s; that shape runs eager (build it: "
+                        "python -m model compile MODEL --size SIZE --shapes %s --max-batch %d --cache-dir %s)",
+                        name,
+                        max_batch,
+                        cache_dir,
                         name,
                         max_batch,
                         cache_dir,
