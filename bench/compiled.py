@@ -46,9 +46,8 @@ from ultralytics.utils import ASSETS
 
 from bench.common import print_table, write_results
 from bench.letterbox_accuracy import crop
-from bench.model import Forward, as_served, torch_forward
-from model.build import Detector, build_model
-from model.checkpoint import DEFAULT_BUNDLE, load
+from bench.model import Forward, add_model_source, as_served, model_from, torch_forward
+from model.build import Detector
 from model.compiled import (
     CompiledDetector,
     Runner,
@@ -200,10 +199,7 @@ def load_average() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, default=None, help="bundle directory or .pt; default: bundled model")
-    source.add_argument("--config", default=None, help="bundled config name, built with random weights")
-    parser.add_argument("--size", type=int, default=None, help="input size; default: the bundle's, or 640")
+    add_model_source(parser)
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch and OpenVINO threads; default: torch's")
@@ -227,11 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     # Inductor's own cache starts empty, so torch.compile's first calls are a cold compile (AOTInductor too).
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(scratch.name) / "inductor"))
 
-    if args.config:
-        model, name, size = build_model(args.config).eval(), Path(args.config).stem, args.size or 640
-    else:
-        loaded = load(args.model or DEFAULT_BUNDLE)
-        model, name, size = loaded.model, loaded.metadata.name, args.size or loaded.metadata.input_size
+    model, name, size = model_from(args)
     eager = as_served(model, torch.device("cpu"), torch.float32)
     images = inputs(size)
     shapes: list[Shape] = list(dict.fromkeys(tuple(image.shape[1:]) for image in images.values()))

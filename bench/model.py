@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ultralytics.nn.tasks import DetectionModel
 
 from bench.akconv import seed_class
 from bench.common import print_table, time_ms, write_results
@@ -148,12 +149,25 @@ def output_difference(rows: np.ndarray, reference: np.ndarray) -> tuple[float, f
     return float(score_diff), top_rows_difference(rows, reference, CHECK_TOP_ROWS)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """``--model`` or ``--config``, and ``--size``: the model a benchmark runs (:func:`model_from`)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, default=None, help="bundle directory or .pt; default: bundled model")
     source.add_argument("--config", default=None, help="bundled config name, built with random weights")
     parser.add_argument("--size", type=int, default=None, help="input size; default: the bundle's, or 640")
+
+
+def model_from(args: argparse.Namespace) -> tuple[DetectionModel, str, int]:
+    """The model :func:`add_model_source`'s flags name (eval mode), its name and its input size."""
+    if args.config:
+        return build_model(args.config).eval(), Path(args.config).stem, args.size or 640
+    loaded = load(args.model or DEFAULT_BUNDLE)
+    return loaded.model, loaded.metadata.name, args.size or loaded.metadata.input_size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_source(parser)
     parser.add_argument("--batches", default="1,2,4,8,16,32")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=10)
@@ -175,12 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         print("onnx: skipped, ONNX Runtime runs on the CPU provider only here")
         variants.remove("onnx")
 
-    if args.config:
-        model = build_model(args.config).eval()
-        name, size = Path(args.config).stem, args.size or 640
-    else:
-        loaded = load(args.model or DEFAULT_BUNDLE)
-        model, name, size = loaded.model, loaded.metadata.name, args.size or loaded.metadata.input_size
+    model, name, size = model_from(args)
     indexing = model.yaml.get("akconv_indexing", "ij")
     print(f"{name} at {size}x{size}, {device.type} {str(dtype).removeprefix('torch.')}, {threads} threads")
 
