@@ -169,14 +169,16 @@ class ModelSlot:
     @property
     def depth(self) -> int:
         """Images queued for this model, on every version still running."""
-        versions = [self.live, *self.retiring] if self.live else []
-        return sum(version.batcher.depth for version in versions)
+        return sum(version.batcher.depth for version in self._running())
 
     async def stop(self) -> None:
         """Answer everything queued (draining) and stop every version."""
-        versions = [self.live, *self.retiring] if self.live else list(self.retiring)
-        await asyncio.gather(*(version.batcher.stop(drain=True) for version in versions))
+        await asyncio.gather(*(version.batcher.stop(drain=True) for version in self._running()))
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _running(self) -> list[ServedVersion]:
+        """The live version and those still finishing their requests."""
+        return [self.live, *self.retiring] if self.live else list(self.retiring)
 
     async def _start_version(self, engine: EngineProtocol) -> ServedVersion:
         """Check ``engine`` with one forward, measure its batch policy, start its batcher."""

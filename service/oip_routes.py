@@ -11,7 +11,6 @@ that way). Inference, metadata and the repository need the API key when one is s
 from __future__ import annotations
 
 import json
-from contextlib import closing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -33,7 +32,7 @@ from service.oip import (
     server_ready,
 )
 from service.pipeline import DetectQuery
-from service.routes import body_chunks, cancel_on_disconnect, declared_length, each_image
+from service.routes import admitted, body_chunks, cancel_on_disconnect, declared_length, each_image
 from service.schemas import ProtocolError
 
 PROTOCOL_ERRORS = {
@@ -116,7 +115,7 @@ async def infer(request: Request, name: str, pipeline: PipelineDep, models: Mode
     ``classes`` as ``/detect``'s query."""
     slot = models.get(name)
     request_id, arrived = request.state.request_id, request.state.arrived
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), slot.lease() as served:
+    with admitted(pipeline, slot) as (ticket, served):
         check_version(served, request.path_params.get("version"))
         # The images are copied out of the body: it is held twice.
         body = await pipeline.read_body(ticket, body_chunks(request), declared_length(request), arrived, copies=2)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import closing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from service.admission import Ticket
 from service.annotate import annotate, encode, negotiate
 from service.dependencies import ModelDep, PipelineDep, QueryDep, StateDep, require_api_key
 from service.errors import ClientGone, ImageRejected
-from service.models import ServedVersion
+from service.models import ModelSlot, ServedVersion
 from service.pipeline import Pipeline, Upload
 from service.schemas import (
     BatchDetectResponse,
@@ -51,6 +51,14 @@ BATCH_BODY = _request_body(_multipart("files", {"type": "array", "items": BINARY
 
 detect_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["detection"])
 ops_router = APIRouter(tags=["operations"])
+
+
+@contextmanager
+def admitted(pipeline: Pipeline, model: ModelSlot) -> Iterator[tuple[Ticket, ServedVersion]]:
+    """A detection request's hold on the service while it is handled: its admission ticket (closed when it is
+    answered), its place in ``detector_inflight_requests``, and the version of ``model`` it leases."""
+    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
+        yield ticket, served
 
 
 async def body_images(
@@ -121,7 +129,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 )
 async def detect(request: Request, pipeline: PipelineDep, model: ModelDep, query: QueryDep) -> DetectResponse:
     """Detect objects in one image: multipart field ``file``, or a raw body with an ``image/*`` content type."""
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
+    with admitted(pipeline, model) as (ticket, served):
         (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
         work = pipeline.detect(ticket, served, upload.data, query, request.state.request_id, request.state.arrived)
         response = (await cancel_on_disconnect(request, work)).response
@@ -142,7 +150,7 @@ async def detect_annotated(request: Request, pipeline: PipelineDep, model: Model
     (larger images are drawn on a downscaled copy); ``X-Detections`` holds the count, ``X-Model-Version`` the
     version that found them."""
     media_type = negotiate(request.headers.get("accept"))
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
+    with admitted(pipeline, model) as (ticket, served):
         (upload,) = await body_images(request, pipeline, ticket, "file", max_files=1)
         request_id, arrived = request.state.request_id, request.state.arrived
         work = pipeline.detect(ticket, served, upload.data, query, request_id, arrived, keep_pixels=True)
@@ -180,7 +188,7 @@ async def detect_batch(
         response.file = upload.name
         return response
 
-    with closing(pipeline.admit()) as ticket, pipeline.metrics.inflight.track_inprogress(), model.lease() as served:
+    with admitted(pipeline, model) as (ticket, served):
         images = await body_images(request, pipeline, ticket, "files", max_files=pipeline.settings.max_batch_files)
         work = each_image(images, lambda upload: one_image(ticket, served, upload))
         results = await cancel_on_disconnect(request, work)
