@@ -1,0 +1,135 @@
+"""Accuracy of a served model on held-out synthetic samples sent through the service as JPEG files.
+
+    python -m bench.service_accuracy [--model BUNDLE_OR_PT] [--sizes 640,1280] [--aspects 1,16:9] [--count 100]
+
+Each held-out sample (``model.synthetic``'s ``test`` split, never trained on) is rendered with its longer side at
+each size and each aspect (width:height), encoded as a JPEG file (quality 90) and posted to ``/detect`` of the real
+service in this process (decode, letterbox, batcher, model, post-processing; eight requests in flight, so batches
+form). mAP50 and mAP50-95 as in ``python -m model evaluate``, from the answers at ``conf=0.001`` and ``max_det=300``;
+precision and recall at IoU 0.5 from those at confidence 0.25 or more (the service's default ``conf``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from ultralytics.utils.metrics import ap_per_class
+
+from model.evaluate import IOU_THRESHOLDS, MatchCounts, match_detections
+from model.synthetic import SPLITS, render
+from service.app import create_app
+from service.config import Settings
+
+DEFAULT_CONF = 0.25
+IN_FLIGHT = 8
+JPEG_QUALITY = 90
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    """An RGB uint8 array (H, W, 3) as the bytes of a JPEG file."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def rows(answer: dict) -> np.ndarray:
+    """A ``/detect`` answer's detections as (n, 6) float32 rows ``[x1, y1, x2, y2, score, class]``, image pixels."""
+    found = [[*d["box"].values(), d["confidence"], d["class_id"]] for d in answer["detections"]]
+    return np.array(found, dtype=np.float32).reshape(-1, 6)
+
+
+async def served_detections(
+    client: httpx.AsyncClient, seeds: range, size: int, aspect: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(detections (n, 6), truth (m, 5))`` per seed, rendered at ``size`` and ``aspect`` and posted as JPEG."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        pixels, truth = render(seed, size, aspect)
+        async with gate:
+            response = await client.post(
+                "/detect",
+                files={"file": (f"{seed}.jpg", jpeg(pixels), "image/jpeg")},
+                params={"conf": 0.001, "max_det": 300},
+            )
+        response.raise_for_status()
+        return rows(response.json()), truth
+
+    return list(await asyncio.gather(*(one(seed) for seed in seeds)))
+
+
+def score(results: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | int]:
+    """mAP50, mAP50-95, and precision/recall at confidence 0.25 of ``(detections, truth)`` pairs."""
+    hits, scores, classes, truth_classes = [], [], [], []
+    confident = MatchCounts()
+    for detections, truth in results:
+        hits.append(match_detections(detections, truth, IOU_THRESHOLDS))
+        scores.append(detections[:, 4])
+        classes.append(detections[:, 5])
+        truth_classes.append(truth[:, 0])
+        confident.add(detections[detections[:, 4] >= DEFAULT_CONF], truth)
+    ap = ap_per_class(
+        np.concatenate(hits), np.concatenate(scores), np.concatenate(classes), np.concatenate(truth_classes)
+    )[5]  # (classes, 10)
+    return {
+        "ground_truth_boxes": confident.truths,
+        "mAP50": round(float(ap[:, 0].mean()), 4),
+        "mAP50-95": round(float(ap.mean()), 4),
+        "precision@0.25": round(confident.precision, 4),
+        "recall@0.25": round(confident.recall, 4),
+    }
+
+
+async def measure(
+    settings: Settings, sizes: list[int], aspects: list[float], seeds: range
+) -> list[dict[str, float | int | str]]:
+    """One row of :func:`score` per (size, aspect), from the service built from ``settings`` (no API key)."""
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    report = []
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=300) as client,
+    ):
+        model = (await client.get("/v1/model")).json()
+        for size in sizes:
+            for aspect in aspects:
+                results = await served_detections(client, seeds, size, aspect)
+                row = {"model": f"{model['name']} {model['version']}", "size": size, "aspect": round(aspect, 4)}
+                report.append({**row, "images": len(seeds), "first_seed": seeds.start, **score(results)})
+    return report
+
+
+def _aspect(text: str) -> float:
+    width, _, height = text.partition(":")
+    return float(width) / float(height or 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="bundle or .pt (default: the bundled model)")
+    parser.add_argument("--sizes", default="640,1280", help="longer sides to render at, pixels")
+    parser.add_argument("--aspects", default="1", help="width:height of the rendered images, e.g. 1,16:9,3:4")
+    parser.add_argument("--count", type=int, default=100, help="held-out samples per size and aspect")
+    parser.add_argument("--first-seed", type=int, default=SPLITS["test"])
+    parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    settings = Settings(model_path=args.model, device="cpu", warmup_rounds=0, max_detections=300)
+    seeds = range(args.first_seed, args.first_seed + args.count)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    aspects = [_aspect(aspect) for aspect in args.aspects.split(",")]
+    report = asyncio.run(measure(settings, sizes, aspects, seeds))
+    print("\n".join(json.dumps(row) for row in report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
