@@ -93,7 +93,8 @@ gpu-check: $(BENCH_INSTALLED)
 		--warmup 3 --repeats 10
 
 evaluate: $(INSTALLED)
-	$(PYTHON) -m model evaluate --count 500
+	$(PYTHON) -m model evaluate --count 500 --size 320
+	$(PYTHON) -m bench.service_accuracy --sizes 640,1280 --aspects 1,16:9 --count 100
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

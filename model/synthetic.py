@@ -22,7 +22,8 @@ is ``size``, as the service's letterbox fits the longer side to the model's inpu
 
 Seed ranges (disjoint): training 0..N-1, validation 1_000_000.., held-out tests 2_000_000.. (see ``SPLITS``).
 
-CLI: ``python -m model.synthetic OUT_DIR --train N --val M [--size 320]`` writes an ultralytics data set.
+CLI: ``python -m model.synthetic OUT_DIR --train N --val M [--size 320 | --sizes 256 1280]`` writes an ultralytics
+data set: square images of one size, or images of several sizes and aspect ratios (:func:`sample_canvas`).
 """
 
 from __future__ import annotations
@@ -307,12 +308,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, required=True, help="number of training images")
     parser.add_argument("--val", type=int, required=True, help="number of validation images")
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--size", type=int, default=640, help="square images of this side, pixels")
+    sizes.add_argument("--size", type=int, default=640, help="square images of this side, pixels (default: 640)")
     sizes.add_argument(
         "--sizes", type=int, nargs=2, metavar=("MIN", "MAX"),
         help="images of several sizes and aspect ratios: the longer side log-uniform in MIN..MAX pixels",
     )  # fmt: skip
-    parser.add_argument("--first-train-seed", type=int, default=SPLITS["train"], help="first training seed")
+    parser.add_argument(
+        "--first-train-seed", type=int, default=SPLITS["train"], help="first training seed (default: 0)"
+    )
     args = parser.parse_args(argv)
     size = tuple(args.sizes) if args.sizes else args.size
     print(write_dataset(args.out_dir, args.train, args.val, size, args.first_train_seed))
