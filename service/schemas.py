@@ -56,7 +56,7 @@ class DetectResponse(BaseModel):
             "example": {
                 "request_id": "5f0c3b0e9d2a4d0c",
                 "file": "photo.jpg",
-                "model": {"name": "yolov10n-akconv", "version": "2026-11-28"},
+                "model": {"name": "yolov10n-akconv", "version": "2026-11-29"},
                 "image": {"width": 810, "height": 1080},
                 "detections": [
                     {

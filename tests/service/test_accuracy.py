@@ -1,0 +1,38 @@
+"""The bundled model through the service at any image size: held-out samples rendered at 640 and 1280 px (square
+and 16:9), sent as JPEG files to ``/detect``.
+
+Issue 19 asks for recall and precision of at least 0.90 at confidence 0.25. Measured on these 30 seeds (2026-11-29,
+bundle 2026-11-29): recall 0.94-0.96, asserted at the issue's bar; precision 0.86-0.88 (0.85-0.87 on 100 other
+seeds), below the issue's bar, asserted at 0.83, three points under the lowest: the model card says why and what is
+left. mAP50 0.96-0.98 and mAP50-95 0.79-0.84, asserted at the held-out bars (0.90, 0.70)."""
+
+import asyncio
+
+import pytest
+
+from bench.service_accuracy import measure
+from model.synthetic import SPLITS
+from service.config import Settings
+
+pytestmark = pytest.mark.slow
+
+SEEDS = range(SPLITS["test"] + 20_000, SPLITS["test"] + 20_030)  # outside every training, validation or test range
+SIZES = [640, 1280]
+ASPECTS = [1.0, 16 / 9]
+
+
+@pytest.fixture(scope="module")
+def accuracy() -> dict[tuple[int, float], dict]:
+    settings = Settings(device="cpu", warmup_rounds=0, max_detections=300)
+    rows = asyncio.run(asyncio.wait_for(measure(settings, SIZES, ASPECTS, SEEDS), 600))
+    return {(row["size"], row["aspect"]): row for row in rows}
+
+
+@pytest.mark.parametrize("aspect", ASPECTS, ids=["square", "16:9"])
+@pytest.mark.parametrize("size", SIZES)
+def test_the_bundled_model_finds_nine_in_ten_objects_at_any_size(accuracy, size, aspect):
+    row = accuracy[(size, round(aspect, 4))]
+    assert row["ground_truth_boxes"] > 100
+    assert row["recall@0.25"] >= 0.90, row
+    assert row["precision@0.25"] >= 0.83, row
+    assert row["mAP50"] >= 0.90 and row["mAP50-95"] >= 0.70, row
