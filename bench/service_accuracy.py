@@ -20,14 +20,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from ultralytics.utils.metrics import ap_per_class
 
-from model.evaluate import IOU_THRESHOLDS, MatchCounts, match_detections
+from model.evaluate import score
 from model.synthetic import SPLITS, render
 from service.app import create_app
 from service.config import Settings
 
-DEFAULT_CONF = 0.25
 IN_FLIGHT = 8
 JPEG_QUALITY = 90
 
@@ -65,32 +63,11 @@ async def served_detections(
     return list(await asyncio.gather(*(one(seed) for seed in seeds)))
 
 
-def score(results: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | int]:
-    """mAP50, mAP50-95, and precision/recall at confidence 0.25 of ``(detections, truth)`` pairs."""
-    hits, scores, classes, truth_classes = [], [], [], []
-    confident = MatchCounts()
-    for detections, truth in results:
-        hits.append(match_detections(detections, truth, IOU_THRESHOLDS))
-        scores.append(detections[:, 4])
-        classes.append(detections[:, 5])
-        truth_classes.append(truth[:, 0])
-        confident.add(detections[detections[:, 4] >= DEFAULT_CONF], truth)
-    ap = ap_per_class(
-        np.concatenate(hits), np.concatenate(scores), np.concatenate(classes), np.concatenate(truth_classes)
-    )[5]  # (classes, 10)
-    return {
-        "ground_truth_boxes": confident.truths,
-        "mAP50": round(float(ap[:, 0].mean()), 4),
-        "mAP50-95": round(float(ap.mean()), 4),
-        "precision@0.25": round(confident.precision, 4),
-        "recall@0.25": round(confident.recall, 4),
-    }
-
-
 async def measure(
     settings: Settings, sizes: list[int], aspects: list[float], seeds: range
 ) -> list[dict[str, float | int | str]]:
-    """One row of :func:`score` per (size, aspect), from the service built from ``settings`` (no API key)."""
+    """One row of :func:`model.evaluate.score` per (size, aspect), from the service built from ``settings`` (no API
+    key)."""
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     report = []

@@ -8,6 +8,7 @@ mAP is ultralytics' ``ap_per_class`` over IoU 0.50:0.95; precision and recall ar
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from model.checkpoint import load
 from model.synthetic import SPLITS, render
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+CONFIDENCE = 0.25  # precision and recall are counted at this confidence (the service's default ``conf``)
 
 
 def match_detections(
@@ -105,25 +107,36 @@ def evaluate_synthetic(
     size = size or input_size
     first_seed = SPLITS["test"] if first_seed is None else first_seed
     detector = fuse_for_inference(loaded.model)
-    hits, scores, classes, truth_classes = [], [], [], []
-    confident = MatchCounts()
     seeds = range(first_seed, first_seed + count)
-    for detections, truth in detect_synthetic(detector, seeds, size, input_size):
-        detections = detections[detections[:, 4] > 0.001]
-        hits.append(match_detections(detections, truth))
-        scores.append(detections[:, 4])
-        classes.append(detections[:, 5])
-        truth_classes.append(truth[:, 0])
-        confident.add(detections[detections[:, 4] >= 0.25], truth)
-    ap = ap_per_class(
-        np.concatenate(hits), np.concatenate(scores), np.concatenate(classes), np.concatenate(truth_classes)
-    )[5]  # (classes, 10)
+    results = (
+        (detections[detections[:, 4] > 0.001], truth)
+        for detections, truth in detect_synthetic(detector, seeds, size, input_size)
+    )
     return {
         "model": str(model_path or "bundled default"),
         "images": count,
         "first_seed": first_seed,
         "size": size,
         "input_size": input_size,
+        **score(results),
+    }
+
+
+def score(results: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | int]:
+    """mAP50, mAP50-95 (ultralytics' ``ap_per_class``) and precision/recall at confidence :data:`CONFIDENCE` of
+    ``(detections (n, 6), truth (m, 5))`` pairs, rows as in :func:`match_detections`."""
+    hits, scores, classes, truth_classes = [], [], [], []
+    confident = MatchCounts()
+    for detections, truth in results:
+        hits.append(match_detections(detections, truth))
+        scores.append(detections[:, 4])
+        classes.append(detections[:, 5])
+        truth_classes.append(truth[:, 0])
+        confident.add(detections[detections[:, 4] >= CONFIDENCE], truth)
+    ap = ap_per_class(
+        np.concatenate(hits), np.concatenate(scores), np.concatenate(classes), np.concatenate(truth_classes)
+    )[5]  # (classes, 10)
+    return {
         "ground_truth_boxes": confident.truths,
         "mAP50": round(float(ap[:, 0].mean()), 4),
         "mAP50-95": round(float(ap.mean()), 4),

@@ -1,9 +1,10 @@
 """Matching detections to ground truth, as the held-out evaluation and the quality floors count them."""
 
 import numpy as np
+import pytest
 import torch
 
-from model.evaluate import MatchCounts, detect_synthetic, match_detections
+from model.evaluate import MatchCounts, detect_synthetic, match_detections, score
 from model.synthetic import render
 
 TRUTH = np.array([[0, 10, 10, 50, 50], [1, 100, 100, 140, 160]], dtype=np.float32)  # [class, x1, y1, x2, y2]
@@ -53,3 +54,27 @@ def test_samples_are_resized_to_the_input_size_and_detections_mapped_back():
     assert [detections.tolist() for detections, _ in results] == [[[0, 0, 64, 64, 0.5, 0]]] * 3
     truths = [truth for _, truth in results]
     assert all(np.array_equal(truth, render(seed, 64)[1]) for seed, truth in zip(range(5, 8), truths, strict=True))
+
+
+def test_every_box_found_once_scores_one():
+    detections = np.array([[10, 10, 50, 50, 0.9, 0], [100, 100, 140, 160, 0.8, 1]], dtype=np.float32)
+    result = score([(detections, TRUTH)])
+    assert result["ground_truth_boxes"] == 2
+    assert result["precision@0.25"] == result["recall@0.25"] == 1.0
+    assert result["mAP50"] >= 0.99  # ultralytics' 101-point interpolation tops out at 0.995
+
+
+def test_precision_and_recall_count_only_confident_detections():
+    detections = np.array(
+        [
+            [10, 10, 50, 50, 0.9, 0],
+            [100, 100, 140, 160, 0.1, 1],  # right, but below 0.25
+            [200, 200, 240, 240, 0.6, 0],  # nothing there
+            [10, 10, 50, 50, 0.5, 1],  # the right box, the wrong class
+        ],
+        dtype=np.float32,
+    )
+    result = score([(detections, TRUTH)])
+    assert result["recall@0.25"] == 0.5
+    assert result["precision@0.25"] == pytest.approx(1 / 3, abs=1e-4)
+    assert 0.5 < result["mAP50"] < 1.0, "the low-scored box still counts towards mAP"

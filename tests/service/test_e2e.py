@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.service_accuracy import rows as detection_rows
 from model.build import fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, load
 from model.evaluate import MatchCounts, detect_synthetic
@@ -54,12 +55,6 @@ def server(tmp_path_factory):
 
 def post_image(url: str, data: bytes, filename="image.png", params=None, **kwargs) -> httpx.Response:
     return httpx.post(url + "/detect", files={"file": (filename, data)}, params=params, timeout=60, **kwargs)
-
-
-def detection_rows(body: dict) -> np.ndarray:
-    """A /detect answer's detections as the model returns them: (n, 6) float32 ``[x1, y1, x2, y2, score, class]``."""
-    rows = [[*d["box"].values(), d["confidence"], d["class_id"]] for d in body["detections"]]
-    return np.array(rows, dtype=np.float32).reshape(-1, 6)
 
 
 @pytest.mark.parametrize("scale", [(1.0, 1.0), (1.5, 1.25), (0.8, 1.1)], ids=["as-trained", "larger", "non-square"])
