@@ -1,12 +1,14 @@
 """Accuracy of a served model on held-out synthetic samples sent through the service as JPEG files.
 
     python -m bench.service_accuracy [--model BUNDLE_OR_PT] [--sizes 640,1280] [--aspects 1,16:9] [--count 100]
+                                     [--dedupe IOU]
 
 Each held-out sample (``model.synthetic``'s ``test`` split, never trained on) is rendered with its longer side at
 each size and each aspect (width:height), encoded as a JPEG file (quality 90) and posted to ``/detect`` of the real
 service in this process (decode, letterbox, batcher, model, post-processing; eight requests in flight, so batches
 form). mAP50 and mAP50-95 as in ``python -m model evaluate``, from the answers at ``conf=0.001`` and ``max_det=300``;
 precision and recall at IoU 0.5 from those at confidence 0.25 or more (the service's default ``conf``).
+``--dedupe IOU`` sends ``/detect``'s ``dedupe`` parameter: one box where boxes overlap above that IoU.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def rows(answer: dict) -> np.ndarray:
 
 
 async def served_detections(
-    client: httpx.AsyncClient, seeds: range, size: int, aspect: float
+    client: httpx.AsyncClient, seeds: range, size: int, aspect: float, dedupe: float | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(detections (n, 6), truth (m, 5))`` per seed, rendered at ``size`` and ``aspect`` and posted as JPEG."""
+    """``(detections (n, 6), truth (m, 5))`` per seed, rendered at ``size`` and ``aspect`` and posted as JPEG (with
+    ``/detect``'s ``dedupe`` IoU when given)."""
+    params = {"conf": 0.001, "max_det": 300} | ({} if dedupe is None else {"dedupe": dedupe})
     gate = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +59,7 @@ async def served_detections(
             response = await client.post(
                 "/detect",
                 files={"file": (f"{seed}.jpg", jpeg(pixels), "image/jpeg")},
-                params={"conf": 0.001, "max_det": 300},
+                params=params,
             )
         response.raise_for_status()
         return rows(response.json()), truth
@@ -64,10 +68,10 @@ async def served_detections(
 
 
 async def measure(
-    settings: Settings, sizes: list[int], aspects: list[float], seeds: range
+    settings: Settings, sizes: list[int], aspects: list[float], seeds: range, dedupe: float | None = None
 ) -> list[dict[str, float | int | str]]:
     """One row of :func:`model.evaluate.score` per (size, aspect), from the service built from ``settings`` (no API
-    key)."""
+    key), asking for ``dedupe`` when given."""
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     report = []
@@ -78,8 +82,9 @@ async def measure(
         model = (await client.get("/v1/model")).json()
         for size in sizes:
             for aspect in aspects:
-                results = await served_detections(client, seeds, size, aspect)
+                results = await served_detections(client, seeds, size, aspect, dedupe)
                 row = {"model": f"{model['name']} {model['version']}", "size": size, "aspect": round(aspect, 4)}
+                row |= {"dedupe": dedupe}
                 report.append({**row, "images": len(seeds), "first_seed": seeds.start, **score(results)})
     return report
 
@@ -96,13 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aspects", default="1", help="width:height of the rendered images, e.g. 1,16:9,3:4")
     parser.add_argument("--count", type=int, default=100, help="held-out samples per size and aspect")
     parser.add_argument("--first-seed", type=int, default=SPLITS["test"])
+    parser.add_argument("--dedupe", type=float, help="/detect's dedupe IoU (default: not sent)")
     parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     settings = Settings(model_path=args.model, device="cpu", warmup_rounds=0, max_detections=300)
     seeds = range(args.first_seed, args.first_seed + args.count)
     sizes = [int(size) for size in args.sizes.split(",")]
     aspects = [_aspect(aspect) for aspect in args.aspects.split(",")]
-    report = asyncio.run(measure(settings, sizes, aspects, seeds))
+    report = asyncio.run(measure(settings, sizes, aspects, seeds, args.dedupe))
     print("\n".join(json.dumps(row) for row in report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

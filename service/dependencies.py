@@ -113,7 +113,7 @@ def detect_query(
             gt=0,
             le=1,
             examples=[0.7],
-            description="where boxes of different classes overlap above this IoU, keep only the most confident one",
+            description="where boxes (of any class) overlap above this IoU, keep only the most confident one",
         ),
     ] = None,
 ) -> DetectQuery:

@@ -24,7 +24,7 @@ from service.pipeline import (
     Upload,
     box_iou,
     multipart_files,
-    one_class_per_place,
+    one_box_per_place,
 )
 from service.schemas import Detection
 from tests.image_files import encode
@@ -124,13 +124,14 @@ def test_multipart_files_are_parsed_in_memory_never_spooled_to_disk(monkeypatch)
     assert files == [Upload("a.jpg", data)]
 
 
-def test_one_class_per_place_keeps_the_most_confident_of_overlapping_classes():
+def test_one_box_per_place_keeps_the_most_confident_of_overlapping_boxes_of_any_class():
     star = Detection(1, "star", 0.9, (0.0, 0.0, 10.0, 10.0))
     same_place_triangle = Detection(0, "triangle", 0.8, (1.0, 0.0, 10.0, 10.0))  # IoU 0.9 with the star
-    same_place_star = Detection(1, "star", 0.7, (0.0, 1.0, 10.0, 10.0))  # the same class: not a duplicate class
+    same_place_star = Detection(1, "star", 0.7, (0.0, 1.0, 10.0, 10.0))  # IoU 0.9: the same class, still one object
+    neighbour = Detection(1, "star", 0.65, (0.0, 6.0, 10.0, 16.0))  # IoU 0.25 with the star: another object
     elsewhere = Detection(0, "triangle", 0.6, (20.0, 20.0, 30.0, 30.0))
-    detections = [star, same_place_triangle, same_place_star, elsewhere]
-    assert one_class_per_place(detections, 0.7) == [star, same_place_star, elsewhere]
-    assert one_class_per_place(detections, 0.95) == detections
+    detections = [star, same_place_triangle, same_place_star, neighbour, elsewhere]
+    assert one_box_per_place(detections, 0.7) == [star, neighbour, elsewhere]
+    assert one_box_per_place(detections, 0.95) == detections
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
     assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
