@@ -45,7 +45,7 @@ class DetectQuery:
 def one_box_per_place(detections: list[Detection], iou: float) -> list[Detection]:
     """``detections`` (most confident first) without those that overlap a more confident one, of any class, by more
     than ``iou``. An NMS-free head trained short of convergence answers some objects twice: once per class, or twice
-    in one class from neighbouring anchors (the bundled model: about a third of its false positives)."""
+    in one class from neighbouring anchors (the bundled model's false positives: ``model/README.md``)."""
     kept: list[Detection] = []
     for detection in detections:
         if all(box_iou(d.box, detection.box) <= iou for d in kept):
