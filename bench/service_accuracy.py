@@ -83,8 +83,8 @@ async def measure(
         for size in sizes:
             for aspect in aspects:
                 results = await served_detections(client, seeds, size, aspect, dedupe)
-                row = {"model": f"{model['name']} {model['version']}", "size": size, "aspect": round(aspect, 4)}
-                row |= {"dedupe": dedupe}
+                name = f"{model['name']} {model['version']}"
+                row = {"model": name, "size": size, "aspect": round(aspect, 4), "dedupe": dedupe}
                 report.append({**row, "images": len(seeds), "first_seed": seeds.start, **score(results)})
     return report
 

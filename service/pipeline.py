@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from torchvision.ops import box_iou
 
 from service.admission import Admission, Ticket
 from service.annotate import MAX_SIDE, drawable_copy
@@ -45,21 +46,16 @@ class DetectQuery:
 def one_box_per_place(detections: list[Detection], iou: float) -> list[Detection]:
     """``detections`` (most confident first) without those that overlap a more confident one, of any class, by more
     than ``iou``. An NMS-free head trained short of convergence answers some objects twice: once per class, or twice
-    in one class from neighbouring anchors (the bundled model's false positives: ``model/README.md``)."""
-    kept: list[Detection] = []
-    for detection in detections:
-        if all(box_iou(d.box, detection.box) <= iou for d in kept):
-            kept.append(detection)
-    return kept
+    in one class from neighbouring anchors (the bundled model's false positives: ``model/README.md``).
 
-
-def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes (0 when either is empty)."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    overlap = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - overlap
-    return overlap / union if union > 0 else 0.0
+    The (n, n) IoU matrix is computed at once: pair by pair in Python, 300 boxes held the event loop for 85 ms."""
+    boxes = torch.tensor([d.box for d in detections], dtype=torch.float64).reshape(-1, 4)
+    overlaps = torch.nan_to_num(box_iou(boxes, boxes)).numpy()  # two empty boxes: 0/0, no overlap
+    kept: list[int] = []
+    for i in range(len(detections)):
+        if not kept or overlaps[i, kept].max() <= iou:
+            kept.append(i)
+    return [detections[i] for i in kept]
 
 
 async def read_body(

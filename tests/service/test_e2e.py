@@ -12,14 +12,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from bench.service_accuracy import rows as detection_rows
 from model.build import fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, load
 from model.evaluate import MatchCounts, detect_synthetic
 from model.synthetic import SPLITS, render
-from service.pipeline import box_iou
 from tests.image_files import encode
 from tests.service.server import metric_value, running_server
 
@@ -223,13 +224,10 @@ def test_detect_and_annotated_find_the_same_boxes_in_a_large_jpeg(server):
 def test_dedupe_keeps_one_box_where_boxes_overlap(server):
     def overlapping(detections: list[dict]) -> set[bool]:
         """Whether each pair overlapping above IoU 0.5 is of one class."""
-        boxes = [(d["class_id"], tuple(d["box"].values())) for d in detections]
-        return {
-            class_a == class_b
-            for i, (class_a, box_a) in enumerate(boxes)
-            for class_b, box_b in boxes[i + 1 :]
-            if box_iou(box_a, box_b) > 0.5
-        }
+        classes = [d["class_id"] for d in detections]
+        boxes = torch.tensor([list(d["box"].values()) for d in detections]).reshape(-1, 4)
+        pairs = torch.triu(box_iou(boxes, boxes) > 0.5, diagonal=1).nonzero().tolist()
+        return {classes[a] == classes[b] for a, b in pairs}
 
     data = encode(render(SPLITS["test"] + 24, 640)[0])  # one object answered twice as a star, once as a triangle
     everything = post_image(server.url, data, params={"conf": 0.05}).json()["detections"]

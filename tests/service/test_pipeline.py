@@ -22,7 +22,6 @@ from service.pipeline import (
     DetectQuery,
     Pipeline,
     Upload,
-    box_iou,
     multipart_files,
     one_box_per_place,
 )
@@ -133,5 +132,7 @@ def test_one_box_per_place_keeps_the_most_confident_of_overlapping_boxes_of_any_
     detections = [star, same_place_triangle, same_place_star, neighbour, elsewhere]
     assert one_box_per_place(detections, 0.7) == [star, neighbour, elsewhere]
     assert one_box_per_place(detections, 0.95) == detections
-    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == 50 / 150
-    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    half_over = [star, Detection(1, "star", 0.5, (5.0, 0.0, 15.0, 10.0))]  # IoU 50 / 150
+    assert one_box_per_place(half_over, 1 / 3) == half_over and one_box_per_place(half_over, 0.33) == [star]
+    empty = Detection(0, "triangle", 0.5, (3.0, 3.0, 3.0, 3.0))
+    assert one_box_per_place([empty, empty], 0.5) == [empty, empty]  # two empty boxes do not overlap
