@@ -1,22 +1,46 @@
-# syntax=docker/dockerfile:1
-# The detector image: CPU everywhere, GPU with the NVIDIA container runtime (PyPI's torch wheel carries CUDA).
-# Build: docker build -t akconv-detector:0.1.0 .
+# The detector image. Build it with `make image` (deploy/README.md, "The image"), or by hand:
+#   docker build -t akconv-detector:0.1.0 .                                     # CPU
+#   docker build --build-arg VARIANT=gpu -t akconv-detector:0.1.0-gpu .         # GPU (NVIDIA container runtime)
+# Build arguments:
+#   PYTHON_IMAGE     the base: the official slim image, or a stand-in made by deploy/image/debian-image.sh
+#   VARIANT          cpu (default): without the CUDA libraries torch never loads on a CPU; gpu: all of them
+#   PIP_INDEX_URL    the package index pip installs from (a company mirror or proxy)
+#   PIP_CA_BUNDLE    a CA bundle inside the build context for pip (a network that intercepts TLS); `make image`
+#                    writes the host's into the ignored .build/ folder. Index and bundle are used in the build stage
+#                    only: the image carries /opt/venv from it, not them.
+# Plain Dockerfile syntax, no `# syntax=` line: BuildKit uses its built-in frontend and fetches nothing, and the
+# classic builder builds it the same way.
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+ARG VARIANT=cpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_CA_BUNDLE=
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_INDEX_URL=${PIP_INDEX_URL}
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# With PIP_CA_BUNDLE empty this copies only the lock; otherwise the bundle lands beside it as /src/<its name>.
+COPY deploy/image/requirements-${VARIANT}.txt ${PIP_CA_BUNDLE} ./
+COPY deploy/image/prune-for-cpu.sh /usr/local/bin/
+# Every package from the lock, by hash, nothing resolved at build time (`make lock` writes the lock).
+RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="/src/$(basename "${PIP_CA_BUNDLE}")"; fi \
+    && pip install --no-deps --require-hashes -r "requirements-${VARIANT}.txt" \
+    && if [ "${VARIANT}" = cpu ]; then prune-for-cpu.sh "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; fi
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
-# A regular (non-editable) install of the server: the packages, their configs and the bundled weights land in the venv.
-RUN pip install --no-cache-dir './[server]'
+# A regular (non-editable) install of the project itself: its packages, configs and bundled weights land in the
+# venv. Its dependencies are all in place already; setuptools (from the lock) builds it without the network.
+RUN pip install --no-deps --no-build-isolation . \
+    && python -c "import torch, model, service.app; print(torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8), torch.ones(1, 3, 3, 3)).sum())"
 
 FROM ${PYTHON_IMAGE} AS runtime
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin detector
+# uid and gid 10001, as the Kubernetes deployment runs it; a system account would take a gid below 1000.
+RUN groupadd --gid 10001 detector \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin detector
 COPY --from=build /opt/venv /opt/venv
 # Ultralytics' settings live under /tmp (model/offline.py): mount /tmp as tmpfs with a read-only root fs.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -24,10 +48,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DETECTOR_HOST=0.0.0.0 \
     DETECTOR_PORT=8000
-USER 10001
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
-# SIGTERM drains: readiness drops at once, accepted requests are answered (stop grace >= request timeout + 10 s).
+# SIGTERM drains: readiness drops at once, new requests get a JSON 503 while the accepted ones are answered, then
+# the listener closes (stop grace >= request timeout + 10 s).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["akconv-serve"]
