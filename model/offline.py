@@ -11,11 +11,20 @@ process that imports this package (the server included); that is undone when the
 Ultralytics also replaces ``PIL.Image.open`` process-wide with a wrapper that, on any file Pillow cannot identify,
 tries to pip-install ``pi-heif``. A server handed arbitrary bytes must never do that, so Pillow's own ``open`` is
 put back (HEIF input is not supported; see the service's formats).
+
+On import, ultralytics also writes to stdout, in plain text, that it created its settings file (every time the temp
+dir is new, as in a fresh container), which would break the JSON lines of the server's logs and tells no one anything
+here. So its messages below ERROR are dropped while it is imported (what ``YOLO_VERBOSE=false`` does to them), without
+setting ``YOLO_VERBOSE``: that would also silence its messages afterwards, the training progress of
+``python -m model train`` among them, and a ``YOLO_VERBOSE`` the user set keeps its effect.
 """
 
+import contextlib
 import functools
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ULTRALYTICS_HOME = Path(tempfile.gettempdir()) / "akconv-detector" / "ultralytics"
@@ -28,6 +37,24 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def errors_only(logger_name: str) -> Iterator[None]:
+    """Drop the records of logger ``logger_name`` below ERROR while the block runs.
+
+    A filter rather than a level: ultralytics sets its logger's level when it is imported, in the block.
+    """
+
+    def at_least_error(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(at_least_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(at_least_error)
+
+
 @functools.cache
 def configure() -> None:
     """Import ultralytics offline and undo its process-wide changes (see the module docstring). Runs once."""
@@ -38,7 +65,8 @@ def configure() -> None:
     os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
     user_omp_threads = os.environ.get("OMP_NUM_THREADS")
 
-    from ultralytics.utils import SETTINGS, patches  # patches Image.open
+    with errors_only("ultralytics"):
+        from ultralytics.utils import SETTINGS, patches  # patches Image.open
 
     Image.open = patches._image_open  # Pillow's own, as ultralytics kept it (even if it was imported before this)
     if user_omp_threads is None:

@@ -3,6 +3,10 @@
 Every line the process writes to stderr is JSON: our records, uvicorn's and asyncio's, Python warnings (PIL's
 ``DecompressionBombWarning`` and EXIF warnings among them), and what C libraries print on file descriptor 2 (libtiff's
 warnings and errors, for one), which :func:`configure_logging` turns into records of the ``stderr`` logger.
+
+Ultralytics' logger prints its warnings and summaries on stdout, in plain text: :func:`configure_logging` routes it
+into the same JSON lines (its import-time messages are dropped by :func:`model.offline.configure`), so the server
+writes nothing on stdout. File descriptor 1 itself is not taken over: nothing the server runs is known to write there.
 """
 
 from __future__ import annotations
@@ -43,15 +47,18 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str) -> None:
     """JSON lines on stderr at ``level`` for the whole process (call it once, from an entry point: it takes over
-    file descriptor 2)."""
+    file descriptor 2; and after ultralytics is imported, whose import gives its logger a handler of its own)."""
     handler = logging.StreamHandler(_log_native_stderr())
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
+    for name in ("uvicorn", "uvicorn.error", "ultralytics"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Ultralytics set its level from YOLO_VERBOSE (INFO, or ERROR when false): the higher of that and ``level`` holds.
+    ultralytics = logging.getLogger("ultralytics")
+    ultralytics.setLevel(max(ultralytics.getEffectiveLevel(), root.level))
     logging.captureWarnings(True)
 
 
