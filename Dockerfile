@@ -26,7 +26,7 @@ WORKDIR /src
 COPY deploy/image/requirements-${VARIANT}.txt ${PIP_CA_BUNDLE} ./
 COPY deploy/image/prune-for-cpu.sh /usr/local/bin/
 # Every package from the lock, by hash, nothing resolved at build time (`make lock` writes the lock).
-RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="/src/$(basename "${PIP_CA_BUNDLE}")"; fi \
+RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="/src/${PIP_CA_BUNDLE##*/}"; fi \
     && pip install --no-deps --require-hashes -r "requirements-${VARIANT}.txt" \
     && if [ "${VARIANT}" = cpu ]; then prune-for-cpu.sh "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; fi
 COPY pyproject.toml README.md ./

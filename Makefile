@@ -4,7 +4,8 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-dev
 
-.PHONY: install system-deps serve test lint format bench-akconv bench-model bench-load load-trio soak evaluate gpu-check clean
+.PHONY: install system-deps serve test test-deploy lint format docker-engine image lock deploy-up deploy-down \
+	bench-akconv bench-model bench-load load-trio soak evaluate gpu-check clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
@@ -36,8 +37,41 @@ system-deps:
 serve: $(VENV)/.installed-server
 	$(PYTHON) -m service
 
+# Everything but the containers, then the containers (test-deploy builds the image first).
 test: $(INSTALLED) system-deps lint
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not container"
+	$(MAKE) test-deploy
+
+# The image built and run as deployed, and the compose stack up (tests marked `container`; deploy/README.md).
+test-deploy: $(INSTALLED) image
+	$(PYTHON) -m pytest -m container
+
+# A Docker engine: the one running, or Debian's docker.io started here (deploy/docker-engine.sh).
+docker-engine:
+	deploy/docker-engine.sh
+
+# akconv-detector:0.1.0 (VARIANT=gpu: akconv-detector:0.1.0-gpu) on the official base or one made from Debian packages.
+VARIANT ?= cpu
+image: docker-engine
+	deploy/image/build.sh $(VARIANT)
+
+# The image's locked requirements, resolved from pyproject.toml's [server] pins for Linux x86_64 with every file's
+# hash. The CPU lock leaves out what torch never loads on a CPU (deploy/image/prune-for-cpu.sh prunes the rest).
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --extra server --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple --native-tls --quiet \
+	--custom-compile-command "make lock"
+CPU_UNUSED := triton nvidia-cusolver nvidia-nvtx cuda-bindings cuda-pathfinder
+lock: $(INSTALLED)
+	$(PYTHON) -m pip install --quiet uv==0.13.9
+	$(LOCK) -o deploy/image/requirements-gpu.txt
+	$(LOCK) $(foreach package,$(CPU_UNUSED),--no-emit-package $(package)) -o deploy/image/requirements-cpu.txt
+
+# The compose stack (docker-compose.yml) on this machine, stand-ins where official images cannot be pulled.
+deploy-up: image
+	deploy/stack.sh up
+
+deploy-down:
+	deploy/stack.sh down
 
 lint: $(INSTALLED)
 	$(PYTHON) -m ruff check .

@@ -27,6 +27,9 @@ def exported_metric_names() -> set[str]:
     return {family.name + suffix for family in Metrics().registry.collect() for suffix in SERIES_SUFFIXES[family.type]}
 
 
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.models.yml"]
+
+
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
 def test_compose_files_validate(files):
     args = [a for f in files for a in ("-f", f)]
@@ -34,10 +37,38 @@ def test_compose_files_validate(files):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_have_no_obsolete_version_key(name):
+    """Compose v2 warns that ``version`` is obsolete; compose 1.29 reads the file as the Compose Specification
+    without it."""
+    assert "version" not in yaml.safe_load((REPO / name).read_text())
+
+
+def test_compose_images_default_to_the_official_pinned_ones():
+    """Stand-ins (deploy/stack.sh) replace an image through its variable only; the file's defaults stay official."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    images = {name: service["image"] for name, service in services.items()}
+    assert images == {
+        "detector": "${DETECTOR_IMAGE:-akconv-detector:0.1.0}",
+        "lb": "${NGINX_IMAGE:-nginx:1.27.3-alpine}",
+        "prometheus": "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.2}",
+        "grafana": "${GRAFANA_IMAGE:-grafana/grafana:11.2.0}",
+    }
+
+
+def test_compose_publishes_on_loopback_unless_told_otherwise():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    published = {name: service["ports"] for name, service in services.items() if "ports" in service}
+    assert published == {
+        "lb": ["${PUBLISH_ADDRESS:-127.0.0.1}:${LB_PORT:-8080}:8080"],
+        "prometheus": ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"],
+        "grafana": ["${PUBLISH_ADDRESS:-127.0.0.1}:${GRAFANA_PORT:-3000}:3000"],
+    }
+
+
 def test_compose_shape():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {name for name, s in services.items() if "ports" in s} == {"lb", "grafana"}
     detector = services["detector"]
     assert detector["deploy"]["replicas"] == "${DETECTOR_REPLICAS:-2}"
     assert "/readyz" in " ".join(detector["healthcheck"]["test"])
@@ -46,14 +77,17 @@ def test_compose_shape():
     gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
     devices = gpu["services"]["detector"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+    assert gpu["services"]["detector"]["build"]["args"] == {"VARIANT": "gpu"}
 
 
 def test_dockerfile_lints_clean():
     result = run(tool("hadolint"), "Dockerfile")
     assert result.returncode == 0, result.stdout + result.stderr
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^USER 10001$", text, re.MULTILINE) and "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
+    assert re.search(r"^USER 10001:10001$", text, re.MULTILINE), "uid and gid 10001, as the Kubernetes deployment"
+    assert "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
     assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim-\w+$", text, re.MULTILINE), "base image pinned"
+    assert not re.search(r"^# *syntax=", text, re.MULTILINE | re.IGNORECASE), "BuildKit would fetch that frontend"
 
 
 def test_nginx_config_matches_the_service_limits():

@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -23,8 +22,8 @@ import httpx
 import pytest
 
 from bench.processes import free_port, running_process
-from model.checkpoint import DEFAULT_BUNDLE, METADATA_FILE
 from model.synthetic import render
+from tests.deploy.model_versions import point, write_version
 from tests.deploy.test_nginx import running_nginx
 from tests.image_files import encode
 from tests.service.server import REPO, ServerProcess
@@ -45,25 +44,6 @@ SETTINGS: dict[str, tuple[str, Callable[[Path], str]]] = {
     "models": ("DETECTOR_MODELS", lambda path: json.dumps({"shapes": str(path)})),
     "model_path": ("DETECTOR_MODEL_PATH", str),
 }
-
-
-def write_version(models: Path, version: str) -> Path:
-    """A copy of the bundled model with ``version`` in its ``model.json`` (the checksum covers the weights only),
-    written beside the others in ``models``; returns it."""
-    bundle = models / f"shapes-{version}"
-    shutil.copytree(DEFAULT_BUNDLE, bundle)
-    metadata = json.loads((bundle / METADATA_FILE).read_text())
-    metadata["version"] = version
-    (bundle / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    return bundle
-
-
-def point(link: Path, bundle: Path) -> None:
-    """Repoint ``link`` at ``bundle`` atomically: a new symlink renamed over the old one. Relative, so that it
-    resolves inside a container too."""
-    staging = link.with_name(link.name + ".new")
-    staging.symlink_to(bundle.name)
-    staging.replace(link)
 
 
 def catches(pid: int, signum: int) -> bool:
