@@ -49,7 +49,7 @@ files=(-f docker-compose.yml "$@")
 case "$action" in
 up)
     standin NGINX_IMAGE nginx:1.27.3-alpine akconv/nginx:bookworm nginx -- \
-        'CMD ["nginx", "-g", "daemon off;"]' 'STOPSIGNAL SIGQUIT'
+        'CMD ["nginx", "-g", "daemon off;"]'
     standin PROMETHEUS_IMAGE prom/prometheus:v2.53.2 akconv/prometheus:bookworm prometheus -- \
         'WORKDIR /prometheus' 'ENTRYPOINT ["/usr/bin/prometheus"]'
     services=(detector lb prometheus)

@@ -1,7 +1,11 @@
 """``python -m service`` / ``akconv-serve``: run the detector under uvicorn, one process per device.
 
-Scale out with replicas, not ``--workers`` (each worker would hold its own model copy and queue). On SIGTERM
-readiness drops to 503 at once, new requests are refused, everything accepted is answered, then the process exits.
+Scale out with replicas, not ``--workers`` (each worker would hold its own model copy and queue). On SIGTERM (or
+SIGINT) readiness drops to 503 at once; the listener stays open, and new detection requests are answered 503
+``not_ready`` (``/readyz`` 503, ``/healthz`` 200), until every detection request admitted before the signal has been
+answered, ``request_timeout_s`` at most; then uvicorn closes the listener and idle connections, waits for the answers
+under way and the process exits. uvicorn's graceful window, ``request_timeout_s`` + 5 s from the signal, bounds the
+whole stop: what still runs at its end is answered 503 ``shutting_down``. A second SIGINT exits at once.
 
 Start-up fails closed, with one plain line on stderr naming what to fix: exit 2 for a bad setting, exit 3 when the
 address cannot be bound (checked before the model loads) or the app fails to start, and a model file that cannot be
@@ -82,8 +86,9 @@ def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
 
 
 def draining_server(app: FastAPI, settings: Settings) -> ServiceServer:
-    """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives, and
-    reloading its models on SIGHUP (:mod:`service.models`)."""
+    """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives and closing
+    its listener only once the detection requests admitted before are answered (``request_timeout_s`` at most: a
+    request's stages run within its deadline), and reloading its models on SIGHUP (:mod:`service.models`)."""
     state = app.state.service
 
     def drop_readiness() -> None:
@@ -94,7 +99,13 @@ def draining_server(app: FastAPI, settings: Settings) -> ServiceServer:
         if state.models is not None and not state.draining:  # None: still starting; its files are being read
             state.models.reload_all_soon()
 
-    return ServiceServer(uvicorn_config(app, settings), on_stop_signal=drop_readiness, on_reload_signal=reload_models)
+    return ServiceServer(
+        uvicorn_config(app, settings),
+        on_stop_signal=drop_readiness,
+        on_reload_signal=reload_models,
+        drained=state.drained,
+        drain_timeout_s=settings.request_timeout_s,
+    )
 
 
 def describe_settings_error(error: ValidationError | SettingsError) -> str:

@@ -30,6 +30,11 @@ class ServiceState:
         self.ready = ready
         self.metrics.ready.set(1 if ready and not self.draining else 0)
 
+    def drained(self) -> bool:
+        """Whether no detection request is in flight (admitted and not yet answered: the ``requests`` budget of
+        :mod:`service.admission`); true before the pipeline exists, when nothing can have been admitted."""
+        return self.pipeline is None or self.pipeline.admission.requests.in_use == 0
+
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.service

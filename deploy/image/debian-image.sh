@@ -8,6 +8,7 @@
 # turns it into image NAME, with the instructions after `--` (CMD, ENTRYPOINT, ...) applied. The Debian mirror is
 # read from this machine's apt sources when the script runs; it is never written into the repository, and the
 # image's own apt sources, lists and caches are emptied before import. Needs root, debootstrap and a Docker engine.
+# `docker import` takes CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME and WORKDIR (not STOPSIGNAL).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -44,10 +45,15 @@ trap 'umount "$rootfs/proc" 2>/dev/null || true; rm -rf "$rootfs"' EXIT
 
 debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
 mount -t proc proc "$rootfs/proc"
-chroot "$rootfs" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get install -y -qq --no-install-recommends "${packages[@]}" \
-    >/dev/null
+# No services start inside the chroot while packages install (nginx's would), and apt needs no pty or sandbox user.
+printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
+chmod +x "$rootfs/usr/sbin/policy-rc.d"
+apt_options=(-qq -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0)
+chroot "$rootfs" apt-get "${apt_options[@]}" update
+DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get "${apt_options[@]}" install -y --no-install-recommends \
+    "${packages[@]}" >/dev/null
 chroot "$rootfs" apt-get clean
+rm "$rootfs/usr/sbin/policy-rc.d"
 umount "$rootfs/proc"
 
 # Nothing of this machine stays in the image: its mirror, its package lists, its resolver and host name.

@@ -66,8 +66,8 @@ def test_healthcheck_turns_healthy(deployed):
 
 def test_image_keeps_nothing_of_the_build(deployed):
     """The CA bundle and package index given to pip stay in the build stage: no file, no variable, no history."""
-    found = docker("exec", "-u", "0", deployed.name, "find", "/", "-xdev", "(", "-name", "pip-ca*", "-o", "-path", "/src",
-                   ")", "-print")  # fmt: skip
+    search = ["find", "/", "-xdev", "(", "-name", "pip-ca*", "-o", "-path", "/src", ")", "-print"]
+    found = docker("exec", "-u", "0", deployed.name, *search)
     assert found.stdout.strip() == ""
     environment = docker("image", "inspect", "-f", "{{json .Config.Env}}", IMAGE).stdout
     assert "PIP_" not in environment

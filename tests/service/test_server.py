@@ -1,26 +1,38 @@
 """Connection hygiene on real loopback sockets: the service's server (``service.server``) in-process around a tiny
-app, so that each case runs in seconds. Every wait is bounded; no assertion is about how fast anything was."""
+app, so that each case runs in seconds. Every wait is bounded; no assertion is about how fast anything was, except
+where a time bound is the point (the drain's)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import json
 import logging
 import resource
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
 from bench.processes import free_port, running_process
 from service.config import Settings
-from service.server import OutOfFilesLogger, ServiceEventLoop, warn_if_files_may_run_out
-from tests.service.plain_server import plain_server
+from service.server import (
+    DRAIN_POLL_S,
+    OutOfFilesLogger,
+    ServiceEventLoop,
+    ServiceServer,
+    bind_listener,
+    uvicorn_config,
+    warn_if_files_may_run_out,
+)
+from tests.service.plain_server import hello_app, plain_server
 from tests.service.server import REPO, running_server
 
 BOUND_S = 15  # no case waits longer than this for the server to act; they act within ~header_timeout_s
@@ -347,3 +359,124 @@ def test_the_accept_loop_override_matches_this_python():
     ours = inspect.signature(ServiceEventLoop._accept_connection)
     asyncio_s = inspect.signature(asyncio.selector_events.BaseSelectorEventLoop._accept_connection)
     assert list(ours.parameters) == list(asyncio_s.parameters)
+
+
+class Drain:
+    """A ``drained`` predicate the test flips; records when the server asked."""
+
+    def __init__(self, drained: bool = False) -> None:
+        self.drained = threading.Event()
+        if drained:
+            self.drained.set()
+        self.asked: list[float] = []
+
+    def __call__(self) -> bool:
+        self.asked.append(time.monotonic())
+        return self.drained.is_set()
+
+
+@contextlib.contextmanager
+def draining_server(
+    drain: Drain, drain_timeout_s: float, graceful_s: int | None = None
+) -> Iterator[tuple[tuple[str, int], ServiceServer, threading.Thread]]:
+    """:func:`~tests.service.plain_server.hello_app` under a :class:`ServiceServer` that drains with ``drain`` (and
+    uvicorn's graceful window set to ``graceful_s``, when given), in a thread; yields its address, the server and
+    the thread once it listens."""
+    listener = bind_listener("127.0.0.1", 0)
+    config = uvicorn_config(hello_app, Settings())
+    if graceful_s is not None:
+        config.timeout_graceful_shutdown = graceful_s
+    server = ServiceServer(config, drained=drain, drain_timeout_s=drain_timeout_s)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(BOUND_S * 100):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.01)
+        assert server.started, "the server did not start"
+        yield listener.getsockname(), server, thread
+    finally:
+        server.force_exit = server.should_exit = True
+        thread.join(BOUND_S)
+
+
+def stopped_within(thread: threading.Thread, seconds: float) -> float | None:
+    """Seconds until ``thread`` ended, waiting ``seconds`` at most; None if it still runs."""
+    started = time.monotonic()
+    thread.join(seconds)
+    return None if thread.is_alive() else time.monotonic() - started
+
+
+def test_the_listener_answers_until_drained_then_closes():
+    drain = Drain()
+    with draining_server(drain, drain_timeout_s=BOUND_S) as (address, server, thread):
+        server.handle_exit(signal.SIGTERM, None)
+        for _ in range(BOUND_S * 100):  # the shutdown has begun: stock uvicorn closed its listener here
+            if drain.asked:
+                break
+            time.sleep(0.01)
+
+        async def on_fresh_connections() -> list[int]:
+            return await asyncio.gather(*(get_ok(address) for _ in range(20)))
+
+        statuses = asyncio.run(on_fresh_connections())
+        asked_meanwhile = len(drain.asked)
+        drain.drained.set()
+        stopped_after = stopped_within(thread, BOUND_S)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=BOUND_S).close()
+    assert statuses == [200] * 20
+    assert asked_meanwhile >= 1 and stopped_after is not None
+
+
+def test_nothing_in_flight_stops_without_waiting(caplog):
+    drain = Drain(drained=True)
+    logs = caplog.at_level(logging.INFO, logger="service.server")
+    with logs, draining_server(drain, drain_timeout_s=BOUND_S) as (_, server, thread):
+        server.handle_exit(signal.SIGTERM, None)
+        stopped_after = stopped_within(thread, BOUND_S)
+    assert stopped_after is not None and len(drain.asked) == 1  # asked once, never waited
+    assert not [record for record in caplog.records if record.name == "service.server"]
+
+
+def test_the_drain_gives_up_after_its_timeout(caplog):
+    drain = Drain()
+    logs = caplog.at_level(logging.WARNING, logger="service.server")
+    with logs, draining_server(drain, drain_timeout_s=0.5) as (_, server, thread):
+        server.handle_exit(signal.SIGTERM, None)
+        stopped_after = stopped_within(thread, BOUND_S)
+    assert stopped_after is not None and drain.asked[-1] - drain.asked[0] >= 0.5 - DRAIN_POLL_S  # to within a poll
+    assert [record.drain_timeout_s for record in caplog.records if record.name == "service.server"] == [0.5]
+
+
+def test_a_second_sigint_ends_the_drain():
+    drain = Drain()
+    with draining_server(drain, drain_timeout_s=BOUND_S * 2) as (_, server, thread):
+        server.handle_exit(signal.SIGINT, None)
+        for _ in range(BOUND_S * 100):
+            if drain.asked:
+                break
+            time.sleep(0.01)
+        server.handle_exit(signal.SIGINT, None)
+        stopped_after = stopped_within(thread, BOUND_S)
+    assert server.force_exit and stopped_after is not None  # well before the drain's timeout
+
+
+def test_the_drain_and_uvicorns_graceful_window_are_one_window():
+    """A request that never ends (its body never comes) holds the stop: the drain waits its 1.5 s, then uvicorn
+    what is left of its 2 s window (not 2 s more), cancels the request and stops. The whole stop fits the window
+    the deployments' grace period was sized for."""
+    drain = Drain()
+    with draining_server(drain, drain_timeout_s=1.5, graceful_s=2) as (address, server, thread):
+        stuck = socket.create_connection(address, timeout=BOUND_S)
+        stuck.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(BOUND_S * 100):
+            if server.server_state.tasks:
+                break
+            time.sleep(0.01)
+        server.handle_exit(signal.SIGTERM, None)
+        stopped_after = stopped_within(thread, BOUND_S)
+        stuck.close()
+    # ~2.2 s (uvicorn's 0.1 s tick, the 2 s window); one window after the other would take ~3.7 s
+    assert stopped_after is not None and 2 <= stopped_after < 3
