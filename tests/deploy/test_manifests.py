@@ -98,7 +98,12 @@ def test_nginx_config_matches_the_service_limits():
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", conf).group(1))
     assert read_timeout > Settings().request_timeout_s
     retry = re.search(r"proxy_next_upstream ([^;]+);", conf).group(1).split()
-    assert "http_503" in retry and "error" in retry and "timeout" not in retry
+    assert "http_503" in retry and "error" in retry and "non_idempotent" in retry
+    # A connect timeout is retried, a slow answer never: retries stop before any read or send could time out.
+    connect_timeout = int(re.search(r"proxy_connect_timeout (\d+)s;", conf).group(1))
+    retry_window = int(re.search(r"proxy_next_upstream_timeout (\d+)s;", conf).group(1))
+    send_timeout = int(re.search(r"proxy_send_timeout (\d+)s;", conf).group(1))
+    assert connect_timeout < retry_window < min(read_timeout, send_timeout)
     assert "upstream_response_time" in conf and "request_time" in conf
 
 

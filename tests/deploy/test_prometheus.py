@@ -91,13 +91,25 @@ def test_dashboard_queries_return_data_from_a_real_replica(tmp_path):
                 )
             httpx.post(replica.url + "/detect", params={"conf": "abc"}, content=b"x", timeout=10)
             time.sleep(1.5)
-        dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "detector.json").read_text())
-        empty = []
-        for panel in dashboard["panels"]:
-            for target in panel["targets"]:
-                if not query(prometheus, target["expr"]):
-                    empty.append(panel["title"])
+        empty = panels_without_data(prometheus)
         assert empty == ["GPU memory"], f"panels without data: {empty} (GPU memory is expected empty on CPU)"
-        rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
-        defined = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
-        assert len(rules) == len(defined) and all(rule["health"] == "ok" for rule in rules)
+        assert_rules_loaded(prometheus)
+
+
+def panels_without_data(prometheus: str) -> list[str]:
+    """Titles of the Grafana dashboard's panels whose queries return nothing from Prometheus at ``prometheus``."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "detector.json").read_text())
+    return [
+        panel["title"]
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if not query(prometheus, target["expr"])
+    ]
+
+
+def assert_rules_loaded(prometheus: str) -> None:
+    """Prometheus at ``prometheus`` evaluates every alert of alerts.yml, each healthy."""
+    rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
+    defined = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert [rule["name"] for rule in rules] == [rule["alert"] for rule in defined]
+    assert all(rule["health"] == "ok" for rule in rules), rules
