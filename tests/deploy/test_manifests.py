@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import subprocess
+import tomllib
 
 import pytest
 import yaml
@@ -88,6 +89,31 @@ def test_dockerfile_lints_clean():
     assert "HEALTHCHECK" in text and "STOPSIGNAL SIGTERM" in text
     assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim-\w+$", text, re.MULTILINE), "base image pinned"
     assert not re.search(r"^# *syntax=", text, re.MULTILINE | re.IGNORECASE), "BuildKit would fetch that frontend"
+
+
+IMAGE_DIR = DEPLOY / "image"
+# What the CPU lock leaves out (Makefile CPU_UNUSED): torch never loads them on a CPU.
+CPU_UNUSED = {"triton", "nvidia-cusolver", "nvidia-nvtx", "cuda-bindings", "cuda-pathfinder"}
+
+
+def locked(variant: str) -> dict[str, str]:
+    """Package -> version of deploy/image/requirements-{variant}.txt, checking that every package has hashes."""
+    text = (IMAGE_DIR / f"requirements-{variant}.txt").read_text()
+    pins = dict(re.findall(r"^([a-z0-9][a-z0-9._-]*)==(\S+) \\$", text, re.MULTILINE))
+    assert len(re.findall(r"^[a-z0-9]", text, re.MULTILINE)) == len(pins), "a requirement without == and hashes"
+    assert text.count("==") == len(pins) and text.count("--hash=sha256:") >= len(pins)
+    return pins
+
+
+def test_image_locks_hold_the_server_pins_and_the_cpu_lock_only_leaves_out_what_a_cpu_never_loads():
+    server = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
+    pins = dict(requirement.split("==") for requirement in server)
+    gpu, cpu = locked("gpu"), locked("cpu")
+    assert {name: gpu.get(name) for name in pins} == pins, "run `make lock`"
+    assert set(gpu) - set(cpu) == CPU_UNUSED and set(cpu) <= set(gpu)
+    assert all(cpu[name] == gpu[name] for name in cpu)
+    makefile = (REPO / "Makefile").read_text()
+    assert set(re.search(r"^CPU_UNUSED := (.+)$", makefile, re.MULTILINE).group(1).split()) == CPU_UNUSED
 
 
 def test_nginx_config_matches_the_service_limits():
