@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import tarfile
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ pytestmark = [pytest.mark.container, pytest.mark.slow]
 READY_BOUND_S = 60  # from `docker run` to /readyz 200 (measured 9 s on 2 cores)
 HEALTHY_BOUND_S = 60  # the HEALTHCHECK runs every 10 s
 CPU_IMAGE_BOUND_BYTES = 4.5e9  # measured 4.05 GB; with every CUDA wheel it was 6.44 GB
+STANDIN_BASE = "akconv/python:3.11-bookworm"  # deploy/image/build.sh
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,28 @@ def test_image_keeps_nothing_of_the_build(deployed):
     assert "PIP_" not in environment
     history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
     assert "PIP_CA_BUNDLE" not in history and "PIP_INDEX_URL" not in history and "pip-ca" not in history
+
+
+def test_base_made_from_debian_packages_keeps_no_trace_of_this_machine(tmp_path):
+    """deploy/image/debian-image.sh reads the mirror from this machine's apt sources and writes it nowhere: the
+    image's apt sources, package lists, resolver and host name are empty (read from the image's own files; a
+    running container would show Docker's resolver and host name instead)."""
+    require_image()
+    if docker("image", "inspect", STANDIN_BASE, check=False).returncode != 0:
+        pytest.skip(f"{STANDIN_BASE} was not needed here: the official base could be pulled")
+    created = docker("create", STANDIN_BASE).stdout.strip()
+    try:
+        docker("export", "-o", str(tmp_path / "base.tar"), created)
+    finally:
+        docker("rm", created, check=False)
+    with tarfile.open(tmp_path / "base.tar") as rootfs:
+        names = rootfs.getnames()
+        for path in ("etc/apt/sources.list", "etc/resolv.conf", "etc/hostname"):
+            assert rootfs.extractfile(path).read() == b"", path
+    assert [name for name in names if name.startswith(("etc/apt/sources.list.d/", "var/lib/apt/lists/"))] in (
+        [],
+        ["var/lib/apt/lists/lock", "var/lib/apt/lists/partial"],
+    )
 
 
 def test_cpu_image_leaves_out_the_cuda_libraries_torch_never_loads(deployed):
