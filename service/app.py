@@ -30,12 +30,12 @@ from service.config import Settings
 from service.dependencies import ServiceState, limit_headers
 from service.docs import docs_router
 from service.engine import Engine, EngineProtocol
-from service.errors import ServiceError, ShuttingDown
+from service.errors import ServiceError, ShuttingDown, shown
 from service.metrics import Metrics
 from service.models import EngineLoader, ModelRegistry, ModelSource
 from service.oip import error_body
 from service.oip_routes import oip_router
-from service.pipeline import Pipeline
+from service.pipeline import PARSE_THREADS, Pipeline
 from service.routes import detect_router, ops_router
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class ObserveRequests:
                 extra={
                     "request_id": request_id,
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": shown(scope["path"], quote=False),  # the client sizes it (to max_header_bytes)
                     "endpoint": endpoint,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),
@@ -157,7 +157,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start(engines)
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        state.pipeline = Pipeline(settings, metrics, decode_pool, _admission(settings, metrics))
+        parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse")
+        state.pipeline = Pipeline(settings, metrics, decode_pool, _admission(settings, metrics), parse_pool)
         state.models = models
         state.set_ready(True)
         for slot in models.slots:
@@ -178,6 +179,7 @@ def create_app(
             state.set_ready(False)
             await models.stop()
             decode_pool.shutdown(wait=True)
+            parse_pool.shutdown(wait=True)
             log.info("stopped")
 
     app = FastAPI(

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from service.config import Settings
-from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized
+from service.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized, shown
 from service.metrics import Metrics
 from service.models import ModelRegistry, ModelSlot
 from service.pipeline import DetectQuery, Pipeline
@@ -103,7 +103,7 @@ def class_id(token: str, names: list[str]) -> int:
         return int(token)
     if token in names:
         return names.index(token)
-    raise BadRequest(f"unknown class {token!r}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
+    raise BadRequest(f"unknown class {shown(token)}; classes are {', '.join(names)} (or ids 0-{len(names) - 1})")
 
 
 def detect_query(

@@ -1,7 +1,52 @@
 """Typed errors of the service. Each carries its HTTP status and a stable error code; ``app.py`` maps them to
-``{"error": {"code", "message"}}`` responses in one handler."""
+``{"error": {"code", "message"}}`` responses in one handler.
+
+Also :func:`shown`, the one way a value the client chose (a model or class name, a parameter, a header, a path) is
+echoed in an error message, a log line or a metric label: cut short, as the client decides its size.
+"""
 
 from __future__ import annotations
+
+import reprlib
+
+SHOWN_CHARS = 100  # a served model's name (64 at most), quoted, fits whole
+
+
+class _ShortRepr(reprlib.Repr):
+    """Containers cut as they are formatted, so a value's size costs nothing (a 2.5-million-element shape, formatted
+    whole and then cut, took 0.15 s); integers too long to format (Python refuses over 4,300 digits) by their size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict = 3, 8, 8, 4
+        self.maxstring = self.maxlong = self.maxother = SHOWN_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * SHOWN_CHARS:  # over 120 digits: formatting it would only be cut
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _ShortRepr()
+
+
+def shown(value: object, limit: int = SHOWN_CHARS, *, quote: bool = True) -> str:
+    """``value`` as a message, a log line or a metric label may echo it: at most ``limit`` characters, ending in
+    ``...`` when cut.
+
+    Args:
+        value: anything a request carried.
+        limit: the most characters shown.
+        quote: a string in quotes, as its ``repr`` (a message then tells ``'1'`` from ``1``); without, a string as it
+            is (a log field). Anything else is always its ``repr``.
+    """
+    if not isinstance(value, str):
+        text = _REPR.repr(value)
+    elif quote:
+        text = repr(value[:limit])
+    else:
+        text = value[: limit + 1]
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 class ServiceError(Exception):

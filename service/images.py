@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
+from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType, shown
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 PAD_VALUE = 114  # ultralytics' letterbox grey, what the model saw in training
@@ -82,7 +82,8 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise UnsupportedMediaType("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise UndecodableImage(f"the image header could not be read: {error}") from None
+        # Pillow's messages may quote the file's own bytes (a PNG chunk's type, a TIFF header).
+        raise UndecodableImage(f"the image header could not be read: {shown(str(error), quote=False)}") from None
     return image
 
 
@@ -125,7 +126,7 @@ def decode(data: bytes, max_pixels: int, fit: int | None = None) -> Decoded:
             image = ImageOps.exif_transpose(image)
             return Decoded(_to_rgb(image), width, height)
     except (OSError, ValueError, SyntaxError) as error:
-        raise UndecodableImage(f"the image could not be decoded: {error}") from None
+        raise UndecodableImage(f"the image could not be decoded: {shown(str(error), quote=False)}") from None
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -10,6 +10,7 @@ that way). Inference, metadata and the repository need the API key when one is s
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any
 
@@ -17,11 +18,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.dependencies import ModelsDep, PipelineDep, StateDep, class_id, require_api_key
-from service.errors import BadRequest, ModelNotServed, NotReady
+from service.errors import BadRequest, ModelNotServed, NotReady, shown
 from service.models import ServedVersion
 from service.oip import (
     HEADER_LENGTH,
     InferRequest,
+    check_content_encoding,
     infer_response,
     model_metadata,
     model_ready,
@@ -76,7 +78,7 @@ def check_version(served: ServedVersion, version: str | None) -> None:
     """A request that names a version (``/versions/{version}``) must name the live one."""
     if version is not None and version != served.version:
         raise ModelNotServed(
-            f"model {served.name!r} has no version {version!r}; the live version is {served.version!r}"
+            f"model {served.name!r} has no version {shown(version)}; the live version is {served.version!r}"
         )
 
 
@@ -114,16 +116,17 @@ async def infer(request: Request, name: str, pipeline: PipelineDep, models: Mode
     ``det_boxes``, ``det_scores``, ``det_classes`` (:mod:`service.oip`). Parameters ``conf``, ``max_det``,
     ``classes`` as ``/detect``'s query."""
     slot = models.get(name)
+    header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+    check_content_encoding(request.headers.get("content-encoding"))
     request_id, arrived = request.state.request_id, request.state.arrived
     with admitted(pipeline, slot) as (ticket, served):
         check_version(served, request.path_params.get("version"))
         # The images are copied out of the body: it is held twice.
         body = await pipeline.read_body(ticket, body_chunks(request), declared_length(request), arrived, copies=2)
-        parsed = parse_infer_request(
-            body, parse_header_length(request.headers.get(HEADER_LENGTH)), request.headers.get("content-encoding")
+        max_images = pipeline.settings.max_batch_files
+        parsed = await pipeline.parse(
+            functools.partial(parse_infer_request, body, header_length, max_images=max_images), arrived
         )
-        if len(parsed.images) > pipeline.settings.max_batch_files:
-            raise BadRequest(f"{len(parsed.images)} images; at most {pipeline.settings.max_batch_files} per request")
         query = detect_query(parsed, served, pipeline.settings.default_conf, pipeline.settings.max_detections)
 
         async def detect_one(image: bytes) -> list:

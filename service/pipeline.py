@@ -4,8 +4,15 @@ The routes hand this module what they took from the request (its body as an asyn
 content type and length, its arrival time) and answer what it returns. A request is admitted first
 (:meth:`Pipeline.admit`, :mod:`service.admission`): its body bytes are reserved before they are read, its image's
 pixels (from the header) before it is decoded, and what does not fit is refused at once. Every stage runs inside
-the request's deadline, ``request_timeout_s`` after arrival, waiting for a decode thread included. Failures are the
+the request's deadline, ``request_timeout_s`` after arrival, waiting for a thread included. Failures are the
 typed errors of :mod:`service.errors`.
+
+What may run on the event loop: work bounded by the settings (a response of at most ``max_batch_files`` x
+``max_detections`` detections), and copies of the body at memory speed (joining its chunks, splitting a multipart
+body: 10-20 ms for 10 MB). Work that a client can make grow with its body's content, element by element, runs on
+threads: image headers and OIP request bodies on the parse thread (:meth:`Pipeline.parse`), decoding and drawing on
+the decode threads; budgets and metrics are touched only on the loop. Threads share the GIL, so one C call that
+holds it (``json.loads``) stalls the loop from any thread: such work is bounded before it starts.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,11 +33,22 @@ from torchvision.ops import box_iou
 from service.admission import Admission, Ticket
 from service.annotate import MAX_SIDE, drawable_copy
 from service.config import Settings
-from service.errors import BadRequest, DeadlineExceeded, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    shown,
+)
 from service.images import Letterbox, decode, letterbox, read_header
 from service.metrics import Metrics
 from service.models import ServedVersion
 from service.schemas import Detection, DetectResponse
+
+T = TypeVar("T")
+# Parsing holds the GIL: a second thread would not parse faster, and would take the GIL from the event loop as well.
+PARSE_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -97,9 +116,13 @@ def check_content_type(content_type: str, field_name: str) -> bool:
     )
 
 
+FILE_NAME_CHARS = 255  # no file system keeps a longer name (NAME_MAX); multipart lets a client send 4 KB
+
+
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded image: its bytes and, when it came as a multipart file, the file name the client gave."""
+    """One uploaded image: its bytes and, when it came as a multipart file, the file name the client gave (cut to
+    :data:`FILE_NAME_CHARS`: it is echoed in the answer, an error's included)."""
 
     name: str | None
     data: bytes
@@ -123,9 +146,13 @@ async def multipart_files(body: bytes, content_type: str, field_name: str, max_f
         files = [value for value in form.getlist(field_name) if isinstance(value, UploadFile)]
         if not files:
             raise BadRequest(f"multipart field '{field_name}' with an image file is required")
-        return [Upload(upload.filename, await upload.read()) for upload in files]
+        return [Upload(_file_name(upload.filename), await upload.read()) for upload in files]
     finally:
         await form.close()
+
+
+def _file_name(name: str | None) -> str | None:
+    return None if name is None else shown(name, FILE_NAME_CHARS, quote=False)
 
 
 @dataclass
@@ -162,13 +189,18 @@ class ImageResult:
 
 @dataclass
 class Pipeline:
-    """One image's way, for the process: the decode pool and the admission budgets are shared by every request and
-    every model; the model that runs an image is the version the request leased (:mod:`service.models`)."""
+    """One image's way, for the process: the thread pools and the admission budgets are shared by every request and
+    every model; the model that runs an image is the version the request leased (:mod:`service.models`).
+
+    ``parse_pool`` (:data:`PARSE_THREADS`) reads image headers and OIP request bodies; ``decode_pool`` decodes and
+    draws. Headers are not read on the decode threads, where they would wait behind decodes.
+    """
 
     settings: Settings
     metrics: Metrics
     decode_pool: ThreadPoolExecutor
     admission: Admission
+    parse_pool: ThreadPoolExecutor
     # Large images decode on at most decode_threads - 1 threads at once (all of them when there is only one): a
     # flood of large or slow-to-decode images leaves a thread to the small ones (a 1 x 39,999,999 px PNG decodes
     # for seconds; before, a small request queued behind 60 of them for 46-64 s).
@@ -218,14 +250,27 @@ class Pipeline:
         limit = self.settings.max_upload_bytes
         return await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
 
+    async def parse(self, work: Callable[[], T], arrived: float) -> T:
+        """``work()``, parsing that grows with a request's body (an OIP request), on the parse thread; waiting for
+        it counts against the deadline of the request that arrived at ``arrived``. ``work`` must touch no budget and
+        no metric: they are the loop's."""
+        try:
+            async with asyncio.timeout(max(self.deadline(arrived) - time.monotonic(), 0)):
+                return await asyncio.wrap_future(self.parse_pool.submit(work))
+        except TimeoutError:
+            raise DeadlineExceeded("the request waited past its deadline to be parsed") from None
+
     async def _prepare(self, ticket: Ticket, data: bytes, size: int, keep_pixels: bool, deadline: float) -> Prepared:
-        """Decode and letterbox to ``size`` in the decode pool, the image's pixels (from its header) reserved on
-        ``ticket`` first; waiting for a decode thread (or the large images' lane) counts against ``deadline``. A
-        request decodes one image at a time."""
+        """Decode and letterbox to ``size`` in the decode pool, the image's pixels (from its header, read on the
+        parse thread) reserved on ``ticket`` first; waiting for a thread (or the large images' lane) counts against
+        ``deadline``. A request decodes one image at a time."""
         loop = asyncio.get_running_loop()
+        max_pixels = self.settings.max_image_pixels
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)), ticket.decoding:
-                header = read_header(data, self.settings.max_image_pixels)
+                # Pillow reads a header in Python, marker by marker: a 10 MB JPEG of 2.6 M empty comment markers
+                # held the event loop for 6 s.
+                header = await asyncio.wrap_future(self.parse_pool.submit(read_header, data, max_pixels))
                 reservation = ticket.reserve_pixels(header.pixels, held_by_request=keep_pixels)
                 large = self.is_large(header.pixels)
                 try:
@@ -240,7 +285,7 @@ class Pipeline:
                     if large:
                         self.large_decodes.release()
 
-                job = self.decode_pool.submit(prepare, data, self.settings.max_image_pixels, size, keep_pixels)
+                job = self.decode_pool.submit(prepare, data, max_pixels, size, keep_pixels)
                 # Released when the thread is done (or the job cancelled before it started), not when the request
                 # stops waiting: a decode that outlives its request still holds its memory and its thread.
                 job.add_done_callback(lambda _: loop.call_soon_threadsafe(decoded))

@@ -172,3 +172,19 @@ def test_without_warm_up_rounds_the_configured_batch_sizes_run_and_v1_model_says
 
     policy = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert policy["source"] == "configured" and "not measured" in policy["note"] and policy["max_batch_size"] == 4
+
+
+def test_a_huge_path_and_request_id_are_logged_short(caplog):
+    """The access log's ``path`` is the client's: cut to 100 characters; an ``X-Request-ID`` that is not 1-64 safe
+    characters is replaced by the service's own id."""
+    caplog.set_level(logging.INFO)
+
+    async def scenario():
+        async with app_client() as (client, _):
+            return await client.get("/" + "n" * 20_000, headers={"x-request-id": "r" * 10_000})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 404 and len(response.json()["error"]["message"]) < 100
+    (access,) = [r for r in caplog.records if r.name == "service.access"]
+    assert access.path == "/" + "n" * 96 + "..." and access.endpoint == "unmatched"
+    assert access.request_id == response.headers["x-request-id"] and len(access.request_id) <= 64

@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from model.synthetic import render
+from service import images
 from service.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
 from service.images import Decoded, decode, letterbox, letterbox_shape, unletterbox_boxes
 from tests.image_files import encode
@@ -96,6 +97,19 @@ def test_pixel_limit_is_checked_from_the_header():
 def test_bad_input_raises_typed_errors(data, error):
     with pytest.raises(error):
         decode(data, LIMIT)
+
+
+@pytest.mark.parametrize(("owner", "name"), [(images.Image, "open"), (images, "_to_rgb")], ids=["header", "pixels"])
+def test_a_decoders_message_is_quoted_short(monkeypatch, owner, name):
+    """Pillow's messages may quote the file's own bytes; whatever their length, the error's stays short."""
+
+    def fails(*args, **kwargs):
+        raise OSError("broken chunk " + "n" * 20_000)
+
+    monkeypatch.setattr(owner, name, fails)
+    with pytest.raises(UndecodableImage) as raised:
+        decode(encode(gradient(), "PNG"), LIMIT)
+    assert len(raised.value.message) < 200 and raised.value.message.endswith("nnn...")
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service import oip_routes
 from service.app import create_app
+from service.oip import HEADER_LENGTH, parse_infer_request
 from tests.image_files import encode
 from tests.service.fakes import INPUT_SIZE, FakeEngine, app_client, fake_settings
 from tests.service.server import metric_value, running_server, serving_in_thread
@@ -168,3 +171,63 @@ def test_tritonclient_detections_equal_detect_on_the_bundled_model(tmp_path):
             assert result.as_numpy("det_scores")[index, :count].tolist() == pytest.approx(scores, abs=1e-4)
             classes = [d["class_id"] for d in answer["detections"]]
             assert result.as_numpy("det_classes")[index, :count].tolist() == classes
+
+
+def test_requests_are_parsed_on_the_parse_thread_not_the_event_loop(monkeypatch):
+    """Parsing grows with the body (base64, copies): it runs on the parse thread, as image headers do."""
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return parse_infer_request(*args, **kwargs)
+
+    monkeypatch.setattr(oip_routes, "parse_infer_request", recording)
+
+    async def scenario():
+        async with app_client() as (client, _):
+            return await client.post("/v2/models/fake/infer", json=json_request([PNG]))
+
+    assert run(scenario()).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("parse"), threads
+
+
+def test_a_compressed_body_is_refused_before_it_is_read():
+    """415, not the 413 its size would earn once read: the header says enough."""
+
+    async def scenario():
+        async with app_client(fake_settings(max_upload_bytes=1024)) as (client, _):
+            headers = {"content-encoding": "gzip", "content-type": "application/json"}
+            return await client.post("/v2/models/fake/infer", content=b"\0" * 4096, headers=headers)
+
+    response = run(scenario())
+    assert response.status_code == 415 and "uncompressed" in response.json()["error"]
+
+
+HUGE = "n" * 20_000
+LONG_HEADER = "n" * 10_000  # within max_header_bytes (16 KiB), or the answer would be a 431 quoting nothing
+ONE_IMAGE = json_request([PNG])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "request_args", "status"),
+    [
+        ("GET", f"/v2/models/{HUGE}", {}, 404),
+        ("POST", f"/v2/models/{HUGE}/infer", {"json": ONE_IMAGE}, 404),
+        ("POST", f"/v2/repository/models/{HUGE}/load", {}, 404),
+        ("GET", f"/v2/models/fake/versions/{HUGE}", {}, 404),
+        ("POST", "/v2/models/fake/infer", {"json": json_request([PNG], parameters={"classes": HUGE})}, 400),
+        ("POST", "/v2/models/fake/infer", {"json": json_request([PNG], parameters={"conf": HUGE})}, 400),
+        ("POST", "/v2/models/fake/infer", {"json": ONE_IMAGE, "headers": {HEADER_LENGTH: LONG_HEADER}}, 400),
+        ("POST", "/v2/models/fake/infer", {"json": ONE_IMAGE, "headers": {"content-encoding": LONG_HEADER}}, 415),
+    ],
+    ids=["model", "infer-model", "load-model", "version", "class", "parameter", "header-length", "content-encoding"],
+)  # fmt: skip
+def test_a_huge_value_is_quoted_short_in_the_error(method, path, request_args, status):
+    async def scenario():
+        async with app_client() as (client, _):
+            return await client.request(method, path, **request_args)
+
+    response = run(scenario())
+    assert response.status_code == status, response.text[:300]
+    message = response.json()["error"]
+    assert len(message) < 300 and "nnn..." in message, message[:300]

@@ -16,9 +16,11 @@ import numpy as np
 from service import pipeline as pipeline_module
 from service.admission import Admission
 from service.config import Settings
+from service.errors import DeadlineExceeded
 from service.metrics import Metrics
 from service.models import ModelSlot, ModelSource
 from service.pipeline import (
+    PARSE_THREADS,
     DetectQuery,
     Pipeline,
     Upload,
@@ -51,9 +53,12 @@ async def running_pipeline(settings: Settings) -> AsyncIterator[Served]:
     model = ModelSlot(ModelSource(None, None), lambda source: FakeEngine(), settings, metrics)
     await model.start(FakeEngine())
     admission = Admission(settings.max_inflight_requests, settings.max_body_bytes, settings.max_decode_pixels)
-    with ThreadPoolExecutor(settings.decode_threads) as decode_pool:
+    with (
+        ThreadPoolExecutor(settings.decode_threads) as decode_pool,
+        ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse") as parse_pool,
+    ):
         try:
-            yield Served(Pipeline(settings, metrics, decode_pool, admission), model)
+            yield Served(Pipeline(settings, metrics, decode_pool, admission, parse_pool), model)
         finally:
             await model.stop()
 
@@ -107,6 +112,46 @@ def test_small_images_keep_a_decode_thread_while_large_ones_flood(monkeypatch):
     small, large_still_held, flood = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert small.response.image.width == 20 and large_still_held
     assert [result.response.image.width for result in flood] == [100, 100]
+
+
+def test_image_headers_are_read_on_the_parse_thread(monkeypatch):
+    """Pillow reads a header in Python, marker by marker (10 MB of empty JPEG comments: 6 s): never on the loop."""
+    threads = []
+    read_header = pipeline_module.read_header
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return read_header(*args)
+
+    monkeypatch.setattr(pipeline_module, "read_header", recording)
+
+    async def scenario():
+        async with running_pipeline(fake_settings()) as pipeline:
+            return await detect(pipeline, encode(np.zeros((48, 64, 3), np.uint8)))
+
+    assert asyncio.run(scenario()).response.image.width == 64
+    assert len(threads) == 1 and threads[0].startswith("parse"), threads
+
+
+def test_waiting_for_the_parse_thread_ends_at_the_deadline():
+    """A request whose parsing waits behind another's (the one thread busy) is answered 504 at its deadline."""
+    release = threading.Event()
+    settings = fake_settings(request_timeout_s=0.3)
+
+    async def scenario():
+        async with running_pipeline(settings) as served:
+            busy = served.pipeline.parse_pool.submit(release.wait, 30)
+            started = time.monotonic()
+            try:
+                await served.pipeline.parse(lambda: "parsed", started)
+            except DeadlineExceeded as error:
+                return error, time.monotonic() - started
+            finally:
+                release.set()
+                busy.result()
+
+    error, waited = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert error.status == 504 and "parsed" in error.message and 0.2 < waited < 2
 
 
 def test_multipart_files_are_parsed_in_memory_never_spooled_to_disk(monkeypatch):

@@ -230,3 +230,37 @@ def test_annotated_answers_any_image_detect_accepts(width, height, fmt, accept):
     drawn = Image.open(io.BytesIO(response.content))
     scale = min(1, 2048 / max(width, height))
     assert drawn.size == (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+HUGE = "n" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [("/detect", {"classes": HUGE}), ("/detect", {"classes": f"star,{HUGE}"}), ("/v1/model", {"model": HUGE})],
+    ids=["class", "second-class", "model"],
+)
+def test_a_huge_name_is_quoted_short_in_the_error(path, params):
+    async def scenario():
+        async with app_client() as (client, _):
+            if path == "/v1/model":
+                return await client.get(path, params=params)
+            return await client.post(path, files={"file": ("a.png", PNG)}, params=params)
+
+    response = run(scenario())
+    message = response.json()["error"]["message"]
+    assert response.status_code in (400, 404) and len(message) < 300 and "nnn..." in message, message[:300]
+
+
+def test_a_file_name_is_echoed_at_most_255_characters():
+    """No file system keeps a longer name; multipart lets a client send 4 KB of one, echoed in every result."""
+    name = "n" * 4000 + ".png"
+
+    async def scenario():
+        async with app_client() as (client, _):
+            files = [("files", (name, PNG)), ("files", (name, b"text"))]
+            return await client.post("/detect/batch", files=files)
+
+    found, refused = run(scenario()).json()["results"]
+    assert found["file"] == refused["file"] == "n" * 252 + "..."
+    assert refused["status"] == 415
