@@ -114,9 +114,10 @@ load-trio:
 	$(PYTHON) -m bench.load --name litserve-$(NAME) --url http://127.0.0.1:8002 --ready-path /health \
 		--start "$(PYTHON) -m bench.peers.litserve_server --port 8002 --model $(MODEL)"
 
-# Ten minutes of mixed valid and invalid traffic; fails on any unexpected answer (docs/RELIABILITY.md).
+# Ten minutes of mixed valid and invalid traffic while the model is swapped every minute; fails on any unexpected
+# answer or failed swap, and reports RSS growth (docs/RELIABILITY.md).
 soak: $(INSTALLED)
-	$(PYTHON) -m bench.soak --minutes 10
+	$(PYTHON) -m bench.soak --minutes 10 --swap-interval 60
 
 # On a machine with a CUDA GPU, a few minutes: the CUDA tests, then the layer and model benchmarks at fp16 up to
 # batch 64 (results in bench/results/*-cuda.json; record them with the card's name in bench/README.md).
