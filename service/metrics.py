@@ -6,7 +6,15 @@ the served name (``/detect?model=NAME``); requests, admission and decoding are t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # From sub-millisecond GPU batches to multi-second CPU queues (seconds).
@@ -33,6 +41,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # The process's resident memory, CPU time and open files (process_*), for the DetectorMemoryGrowing alert.
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "detector_requests", "HTTP requests answered", ["endpoint", "status"], registry=registry
         )
