@@ -66,26 +66,32 @@ EngineLoader = Callable[[ModelSource], EngineProtocol]  # runs in a worker threa
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
-def release_memory() -> None:
-    """Free what retired versions left behind and give the freed pages back to the operating system.
-
-    Called once a retired version has stopped and been dropped (or a version loaded again has turned out unchanged), in
-    a worker thread: ~0.2 s on 2 CPU cores, most of it the collection, which holds the GIL. Without it, serving the
-    bundled model twice and swapping one of them under light traffic, the resident memory was 1,692 MiB after the 5th
-    swap and 2,055 MiB after the 30th, and went on growing (``tests/service/test_swap_memory.py``); with it, 954 and 991
-    MiB. Two causes:
-
-    - reference cycles: ultralytics' ``fuse()`` stores each fused layer's ``forward`` as a bound method of the layer
-      (and a stopped batcher's cancelled task holds its frames), so a version's layers and weights are freed only by
-      a full collection, which CPython runs rarely in a process of ~400,000 long-lived objects (torch's): retired
-      versions piled up. ``gc.collect()`` frees them now.
-    - the allocator: glibc keeps freed memory in its arenas (one per thread that allocated: the loader, the warm-up,
-      each version's inference thread), which a version's load, warm-up and batches leave fragmented;
-      ``malloc_trim(0)`` hands their free pages back. ``MALLOC_ARENA_MAX=2`` instead levelled off near 1,700 MiB.
-    """
-    gc.collect()
+def trim_allocator() -> None:
+    """Give the free pages of the allocator's arenas back to the operating system (``malloc_trim(0)``); blocking,
+    without the GIL (a worker thread). glibc keeps freed memory in its arenas (one per thread that allocated: the
+    loader, the warm-up, each version's inference thread), which loading, checking and warming up a model leave
+    fragmented: the bundled model served twice was 1,195 MiB resident once ready, 892 MiB with this at the end of
+    the start."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def release_memory() -> None:
+    """Free what retired versions left behind, then :func:`trim_allocator`.
+
+    Called once a retired version has stopped and been dropped (or a version loaded again has turned out unchanged),
+    in a worker thread: ~0.2 s on 2 CPU cores, most of it the collection, which holds the GIL. Without it, serving
+    the bundled model twice and swapping one of them under light traffic, the resident memory was 1,692 MiB after the
+    5th swap and 2,055 MiB after the 30th, and went on growing (``tests/service/test_swap_memory.py``); with it, 954
+    and 991 MiB. ``MALLOC_ARENA_MAX=2`` instead levelled off near 1,700 MiB.
+
+    The collection is needed because ultralytics' ``fuse()`` stores each fused layer's ``forward`` as a bound method
+    of the layer (and a stopped batcher's cancelled task holds its frames): these reference cycles free a version's
+    layers and weights only in a full collection, which CPython runs rarely in a process of ~400,000 long-lived
+    objects (torch's), so retired versions piled up.
+    """
+    gc.collect()
+    trim_allocator()
 
 
 @dataclass
@@ -283,9 +289,12 @@ class ModelRegistry:
         return cls([ModelSlot(source, loader, settings, metrics) for source in model_sources(settings)])
 
     async def start(self, engines: Sequence[EngineProtocol]) -> None:
-        """Serve ``engines`` (already loaded, in the order of the slots); the slots without one load theirs."""
+        """Serve ``engines`` (already loaded, in the order of the slots); the slots without one load theirs. Then
+        the memory their load, checks and warm-up freed goes back to the OS (:func:`trim_allocator`; nothing is
+        retired yet, so nothing to collect)."""
         for index, slot in enumerate(self.slots):
             await slot.start(engines[index] if index < len(engines) else None)
+        await asyncio.to_thread(trim_allocator)
 
     def get(self, name: str | None) -> ModelSlot:
         """The slot serving ``name`` (None: the default); :class:`ModelNotServed` when none does."""

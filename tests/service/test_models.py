@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from model.checkpoint import DEFAULT_BUNDLE, METADATA_FILE, WEIGHTS_FILE, CorruptModel
+from service import models
 from service.config import Settings
 from service.engine import ModelCheckFailed
 from service.models import ModelSource
@@ -230,6 +231,29 @@ def test_the_same_version_again_is_not_swapped():
     loaded, same, metrics = run(scenario())
     assert loaded.status_code == 200 and same
     assert metric_value(metrics, 'detector_model_loads_total{model="fake",outcome="unchanged"}') == 1
+
+
+def test_memory_goes_back_after_the_start_an_unchanged_reload_and_a_retired_version(monkeypatch):
+    """The allocator is trimmed once the models are warm; an engine loaded only to be compared, and a retired version
+    once it has stopped, are collected and trimmed (``release_memory``; the real figures: test_swap_memory.py)."""
+    released: list[str] = []
+    monkeypatch.setattr(models, "trim_allocator", lambda: released.append("trim"))
+    monkeypatch.setattr(models, "release_memory", lambda: released.append("release"))
+
+    async def scenario():
+        loader = loader_of(FakeEngine(), FakeEngine(version="1"))
+        async with app_client(fake_settings(), FakeEngine(), loader) as (client, app):
+            slot = app.state.service.models.get(None)
+            after_start = list(released)
+            await client.post("/v2/repository/models/fake/load")  # version 0 again: unchanged
+            after_unchanged = list(released)
+            await client.post("/v2/repository/models/fake/load")  # version 1: 0 retires and stops
+            async with asyncio.timeout(10):
+                while slot.retiring or len(released) < 3:
+                    await asyncio.sleep(0.01)
+            return after_start, after_unchanged, list(released)
+
+    assert run(scenario()) == (["trim"], ["trim", "release"], ["trim", "release", "release"])
 
 
 def test_load_refuses_other_files_unknown_models_and_callers_without_the_key():

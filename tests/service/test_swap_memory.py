@@ -41,6 +41,7 @@ def new_version(models: Path, name: str, number: int) -> str:
     return version
 
 
+@pytest.mark.slow
 def test_retired_versions_are_freed_by_the_slot(tmp_path):
     """The real engine swapped 30 times while images are being detected, then loaded once more unchanged (as a
     SIGHUP does for every model), with CPython's automatic garbage collection off, so that only the slot can free
