@@ -17,7 +17,7 @@ float32, CPU), each called as ``Engine.infer`` calls the model (uint8 batch conv
   AKConv's corners with a ``Gather`` instead, :func:`gather_corners`).
 
 Inputs: ``bus.jpg`` and ``zidane.jpg`` (ultralytics' assets) decoded and letterboxed as the service does
-(``service.images``), which gives two input shapes (3:4 and 16:9 at the model's size), and a held-out synthetic
+(``service.core.images``), which gives two input shapes (3:4 and 16:9 at the model's size), and a held-out synthetic
 sample centre-cropped to each aspect (``bench.letterbox_accuracy.crop``): the photos, at batch 1, and each photo
 with its synthetic twin, at batch 2. For each contender: the time to compile or convert (all shapes; ``cached`` when
 ``--cache-dir`` already held the artefact), the time to load the saved artefacts (``compile``: a second compile
@@ -61,7 +61,7 @@ from model.compiled import (
     weights_sha256,
 )
 from model.synthetic import SPLITS, render
-from service.images import Decoded, decode, letterbox
+from service.core.images import Decoded, decode, letterbox
 
 CONTENDERS = ("eager", "compile", "aoti", "openvino")
 PHOTOS = ("bus.jpg", "zidane.jpg")

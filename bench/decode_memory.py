@@ -1,11 +1,11 @@
-"""Peak memory and time of decoding one large image the way the service does (``service.images``).
+"""Peak memory and time of decoding one large image the way the service does (``service.core.images``).
 
     python -m bench.decode_memory [--side 6000] [--format PNG] [--fit 384]
 
 Writes a ``side`` × ``side`` image (a tiled random 1000 × 1000 patch, so it does not compress to nothing) to a
 temp file, then decodes and letterboxes it in a fresh process and reports the peak resident memory added (bytes
 per pixel) and the seconds it took. ``--fit 0`` decodes at full resolution (what drawing needed before issue 17).
-The admission arithmetic in ``service/config.py`` uses the PNG figure.
+The admission arithmetic in ``service/process/settings.py`` uses the PNG figure.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 
 
 def decode_once(path: str, fit: int) -> dict:
-    from service.images import decode, letterbox
+    from service.core.images import decode, letterbox
 
     data = Path(path).read_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB

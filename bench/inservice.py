@@ -48,9 +48,9 @@ import torch
 
 from bench.common import print_table, write_results
 from bench.load import real_payloads
-from service.config import Settings
-from service.engine import Engine
-from service.images import decode, letterbox
+from service.core.engine import Engine
+from service.core.images import decode, letterbox
+from service.process.settings import Settings
 
 SEED_MODEL_BUNDLE = Path("runs/bench/yolov10s-akconv-random")  # the Makefile's SEED_MODEL_BUNDLE
 MAX_PIXELS = 40_000_000

@@ -4,8 +4,8 @@
 
 Each held-out synthetic sample (``model.synthetic``'s ``test`` split, rendered at the model's input size) is
 centre-cropped to the aspect; boxes are clipped to the crop and kept when at least half of each is inside (the
-data set's own rule). The crop is fitted with :func:`service.images.letterbox` (rectangular: padded only to the next
-multiple of 32) and, for comparison, the same fitted image centred in the full square. mAP as in
+data set's own rule). The crop is fitted with :func:`service.core.images.letterbox` (rectangular: padded only to
+the next multiple of 32) and, for comparison, the same fitted image centred in the full square. mAP as in
 ``python -m model evaluate``. For a seed-recipe ``xy`` model the rectangular input changes what AKConv computes
 (its sampling grid is scrambled on non-square maps), so this is the measurement that decides for ``ij`` models.
 """
@@ -24,7 +24,7 @@ from model.build import fuse_for_inference
 from model.checkpoint import load
 from model.evaluate import match_detections
 from model.synthetic import MIN_INSIDE_FRACTION, SPLITS, render
-from service.images import PAD_VALUE, Decoded, Letterbox, letterbox, unletterbox_boxes
+from service.core.images import PAD_VALUE, Decoded, Letterbox, letterbox, unletterbox_boxes
 
 
 def crop(image: np.ndarray, truth: np.ndarray, aspect: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -52,7 +52,7 @@ from bench.common import print_table, write_results
 from bench.processes import running_process
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-BATCH_SIZE_METRIC = "detector_batch_size"  # service/metrics.py
+BATCH_SIZE_METRIC = "detector_batch_size"  # service/process/metrics.py
 REAL_IMAGES = ("bus.jpg", "zidane.jpg")  # shipped in ultralytics/assets
 SYNTHETIC_FIRST_SEED = 2_000_000  # model.synthetic's held-out test split
 

@@ -7,7 +7,7 @@ Two configurations matter: the bundled model (default; at its serving size) and 
 ``--config yolov10s-akconv --size 640`` (built with random weights: speed does not depend on them).
 
 Variants, each the model as the service runs it (``fuse_for_inference``: BatchNorm folded, one-to-one head; then
-channels-last, fp16 on CUDA, as ``service/engine.py`` does):
+channels-last, fp16 on CUDA, as ``service/core/engine.py`` does):
 
 - ``seed``: the same model and weights with every AKConv replaced by the seed's module (``../shared/seed``);
 - ``eager``: the project's model, exactly what the engine runs;
@@ -80,7 +80,7 @@ def with_indexing(model: torch.nn.Module, indexing: str) -> torch.nn.Module:
 
 
 def as_served(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Detector:
-    """What ``service.engine.Engine`` runs: fused, one-to-one head, on the device, channels-last."""
+    """What ``service.core.engine.Engine`` runs: fused, one-to-one head, on the device, channels-last."""
     detector = fuse_for_inference(copy.deepcopy(model)).to(device, dtype)
     return detector.to(memory_format=torch.channels_last)
 

@@ -26,7 +26,7 @@ from PIL import Image
 from model.evaluate import score
 from model.synthetic import SPLITS, render
 from service.app import create_app
-from service.config import Settings
+from service.process.settings import Settings
 
 IN_FLIGHT = 8
 JPEG_QUALITY = 90

@@ -195,7 +195,9 @@ def _compile(args: argparse.Namespace) -> None:
     if args.shapes:
         shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     else:
-        shapes = [(size, size)]  # the service's other shapes are its own (service/batch_policy.py): model/ imports none
+        shapes = [
+            (size, size)
+        ]  # the service's other shapes are its own (service/core/batch_policy.py): model/ imports none
     detector = fuse_for_inference(loaded.model).to(memory_format=torch.channels_last)
     cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
     prepared = compiled_detector(detector, shapes, args.max_batch, cache_dir, build_missing=True)

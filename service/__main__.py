@@ -18,7 +18,7 @@ import os
 
 # Before anything imports torch (model.checkpoint below does): OpenMP reads its waiting policy when torch loads it.
 # PASSIVE: a pool's threads sleep as soon as a parallel region ends, whichever threads ran torch work before
-# (service/threads.py; bench/README.md, "In-service speed"). An OMP_WAIT_POLICY in the environment wins.
+# (service/process/threads.py; bench/README.md, "In-service speed"). An OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import atexit  # noqa: E402
@@ -34,12 +34,12 @@ from pydantic_settings import SettingsError
 
 from model.checkpoint import CheckpointError
 from service.app import create_app
-from service.config import Settings, settings_from_cli
-from service.engine import Engine
-from service.logs import configure_logging
-from service.models import model_sources
-from service.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
-from service.threads import log_threads
+from service.core.engine import Engine
+from service.core.models import model_sources
+from service.process.logs import configure_logging
+from service.process.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
+from service.process.settings import Settings, settings_from_cli
+from service.process.threads import log_threads
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def load_engines(settings: Settings) -> list[Engine]:
 
 def serve(app: FastAPI, settings: Settings, listener: socket.socket) -> None:
     """Run ``app`` (built by :func:`service.app.create_app` for ``settings``) on ``listener`` (from
-    :func:`service.server.bind_listener`) until a stop signal; logging is configured already."""
+    :func:`service.process.server.bind_listener`) until a stop signal; logging is configured already."""
     warn_if_files_may_run_out(settings.max_connections)
     log_threads(settings.decode_threads, settings.intra_op_threads)
     server = draining_server(app, settings)
@@ -100,7 +100,7 @@ def exit_now() -> NoReturn:
 def draining_server(app: FastAPI, settings: Settings) -> ServiceServer:
     """The server for ``app``, flipping it to draining (readiness 503) the moment a stop signal arrives and closing
     its listener only once the detection requests admitted before are answered (``request_timeout_s`` at most: a
-    request's stages run within its deadline), and reloading its models on SIGHUP (:mod:`service.models`)."""
+    request's stages run within its deadline), and reloading its models on SIGHUP (:mod:`service.core.models`)."""
     state = app.state.service
 
     def drop_readiness() -> None:

@@ -1,8 +1,8 @@
 """``create_app(settings)``: builds the FastAPI app: routers, error mapping, request observation, lifespan.
 
 Lifespan: load and warm up every served model (start-up fails loudly on a bad model) with its batcher
-(:mod:`service.models`), report ready. On shutdown: readiness goes to 503, the batchers answer everything queued, then
-the pools stop.
+(:mod:`service.core.models`), report ready. On shutdown: readiness goes to 503, the batchers answer everything
+queued, then the pools stop.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import Admission
-from service.config import Settings
-from service.dependencies import ServiceState, limit_headers
-from service.docs import docs_router
-from service.engine import Engine, EngineProtocol
-from service.errors import ServiceError, ShuttingDown, shown
-from service.metrics import Metrics
-from service.models import EngineLoader, ModelRegistry, ModelSource
-from service.oip import error_body
-from service.oip_routes import oip_router
-from service.pipeline import PARSE_THREADS, Pipeline
-from service.routes import detect_router, ops_router
+from service.core.admission import Admission
+from service.core.engine import Engine, EngineProtocol
+from service.core.errors import ServiceError, ShuttingDown, shown
+from service.core.models import EngineLoader, ModelRegistry, ModelSource
+from service.core.pipeline import PARSE_THREADS, Pipeline
+from service.doors.dependencies import ServiceState, limit_headers
+from service.doors.docs import docs_router
+from service.doors.oip import error_body
+from service.doors.oip_rest import oip_router
+from service.doors.rest import detect_router, ops_router
+from service.process.metrics import Metrics
+from service.process.settings import Settings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("service.access")
@@ -147,7 +147,7 @@ def create_app(
         settings: the service's settings.
         engines: engines already loaded for the configured models, in their order (``python -m service`` loads them
             before it listens; tests pass fakes); the models without one are loaded at start-up.
-        loader: loads a model's file, at start-up and for each swap; default: :class:`service.engine.Engine`.
+        loader: loads a model's file, at start-up and for each swap; default: :class:`service.core.engine.Engine`.
     """
     metrics = Metrics()
     state = ServiceState(settings=settings, metrics=metrics)
@@ -188,7 +188,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         dependencies=[Depends(limit_headers)],
-        docs_url=None,  # FastAPI's pages load their scripts from a CDN; service.docs serves them from local files
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; service.doors.docs serves them from local files
         redoc_url=None,
     )
     app.state.service = state

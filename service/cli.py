@@ -34,7 +34,7 @@ from service.schemas import DetectResponse
 CONCURRENCY = 4
 STDIN = Path("-")
 UNREACHABLE = 2
-# The file extensions of the formats the service decodes (service.images.SUPPORTED_FORMATS, as Pillow names them;
+# The file extensions of the formats the service decodes (service.core.images.SUPPORTED_FORMATS, as Pillow names them;
 # not imported from there, which would import torch). Only folders are filtered by them: a file named on the
 # command line is sent whatever its name, and the server says whether it is an image.
 IMAGE_SUFFIXES = frozenset(

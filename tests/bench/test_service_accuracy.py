@@ -1,5 +1,5 @@
 """How ``bench.service_accuracy`` reads answers and aspects; its scoring is ``model.evaluate.score``
-(``tests/model/test_evaluate.py``), the served model's own numbers are in ``tests/service/test_accuracy.py``."""
+(``tests/model/test_evaluate.py``), the served model's own numbers are in ``tests/service/core/test_accuracy.py``."""
 
 import numpy as np
 import pytest

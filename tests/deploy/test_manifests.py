@@ -9,8 +9,8 @@ import tomllib
 import pytest
 import yaml
 
-from service.config import Settings
-from service.metrics import Metrics
+from service.process.metrics import Metrics
+from service.process.settings import Settings
 from tests.deploy.tools import DEPLOY, REPO, tool
 
 K8S = DEPLOY / "k8s"

@@ -33,7 +33,7 @@ def test_finds_most_objects_of_20_fresh_seeds():
 
     Issue 3's bars (0.85 each). The bundled model (2026-11-29) measured recall 72/82 = 0.88 and precision
     72/81 = 0.89: two boxes missed more, or two false detections more, would still pass. Other image sizes, through
-    the service: ``tests/service/test_accuracy.py``.
+    the service: ``tests/service/core/test_accuracy.py``.
     """
     loaded = load()
     detector = fuse_for_inference(loaded.model)

@@ -17,10 +17,10 @@ import torch
 
 from service.__main__ import serve
 from service.app import create_app
-from service.config import settings_from_cli
-from service.engine import Engine
-from service.logs import configure_logging
-from service.server import bind_listener
+from service.core.engine import Engine
+from service.process.logs import configure_logging
+from service.process.server import bind_listener
+from service.process.settings import settings_from_cli
 from tests.image_files import encode
 
 POISON = (255, 0, 255)

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from service.config import Settings
+from service.process.settings import Settings
 from tests.service.server import running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""A fake :class:`service.engine.EngineProtocol` and an in-process client for the app: no model, no sockets, no
+"""A fake :class:`service.core.engine.EngineProtocol` and an in-process client for the app: no model, no sockets, no
 subprocess."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from fastapi import FastAPI
 
 from model.checkpoint import ModelMetadata
 from service.app import create_app
-from service.batch_policy import Shape, Timings
-from service.config import Settings
-from service.engine import detections_from_rows
-from service.images import Letterbox
-from service.models import EngineLoader
+from service.core.batch_policy import Shape, Timings
+from service.core.engine import detections_from_rows
+from service.core.images import Letterbox
+from service.core.models import EngineLoader
+from service.process.settings import Settings
 from service.schemas import Detection
 
 NAMES = ["triangle", "star"]
@@ -28,9 +28,9 @@ ROW = (INPUT_SIZE / 4, INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 3 * INPUT_SIZE / 4, 0
 
 
 class FakeEngine:
-    """Honours :class:`service.engine.EngineProtocol`: every image gets :data:`ROW` (then zero rows). ``gate`` holds
-    each batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches`` records
-    the size of each batch run. ``name`` and ``version`` are the model's own."""
+    """Honours :class:`service.core.engine.EngineProtocol`: every image gets :data:`ROW` (then zero rows). ``gate``
+    holds each batch back until set; ``fail`` makes batches raise. ``entered`` counts batches started, ``batches``
+    records the size of each batch run. ``name`` and ``version`` are the model's own."""
 
     names = NAMES
     input_size = INPUT_SIZE

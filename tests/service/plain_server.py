@@ -1,4 +1,5 @@
-"""The service's HTTP server (``service.server``) around a tiny ASGI app, for connection tests that need no model.
+"""The service's HTTP server (``service.process.server``) around a tiny ASGI app, for connection tests that need no
+model.
 
 In-process: :func:`plain_server` runs it in a thread. As a process (``python -m tests.service.plain_server`` with
 the service's flags), for what needs a process of its own, such as a lower file limit.
@@ -12,9 +13,9 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from service.config import Settings, settings_from_cli
-from service.logs import configure_logging
-from service.server import ServiceServer, bind_listener, uvicorn_config
+from service.process.logs import configure_logging
+from service.process.server import ServiceServer, bind_listener, uvicorn_config
+from service.process.settings import Settings, settings_from_cli
 
 
 async def hello_app(scope, receive, send) -> None:

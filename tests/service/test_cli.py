@@ -13,7 +13,7 @@ from PIL import Image
 
 from service import cli
 from service.client import AsyncDetectorClient
-from service.images import SUPPORTED_FORMATS
+from service.core.images import SUPPORTED_FORMATS
 
 LONG_MESSAGE = "the image could not be decoded:\n" + "broken data " * 100
 

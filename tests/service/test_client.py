@@ -168,7 +168,7 @@ def test_sync_client_retries_503_then_succeeds():
 def test_the_client_side_imports_no_torch():
     """The client, the CLI, the annotator and the response types install and import without torch."""
     code = (
-        "import sys; import service.client, service.cli, service.annotate, service.schemas; "
+        "import sys; import service.client, service.cli, service.core.annotate, service.schemas; "
         "print(sorted(m for m in ('torch', 'ultralytics', 'model') if m in sys.modules))"
     )
     imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

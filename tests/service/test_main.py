@@ -14,7 +14,7 @@ import pytest
 import service.__main__ as entry
 from model.synthetic import SPLITS, render
 from service.app import create_app
-from service.config import Settings, settings_from_cli
+from service.process.settings import Settings, settings_from_cli
 from tests.image_files import encode
 from tests.service.fakes import FakeEngine, app_client, fake_settings
 from tests.service.server import REPO, running_server

@@ -10,7 +10,7 @@ import pytest
 from bench.processes import free_port
 from model.checkpoint import DEFAULT_BUNDLE, METADATA_FILE, WEIGHTS_FILE
 from service.__main__ import load_engines
-from service.config import Settings
+from service.process.settings import Settings
 from tests.service.server import REPO
 
 

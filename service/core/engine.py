@@ -1,0 +1,226 @@
+"""The model on its device: loaded once, fused, warmed up; runs one batch; turns raw rows into detections.
+
+Knows nothing of HTTP or queues. :class:`EngineProtocol` is the contract the rest of the service holds an engine to
+(tests run the HTTP layer against a fake that honours it); :class:`Engine` is the real one. Rows are
+:class:`model.Detector`'s: images (B, 3, H, W) in [0, 1], H and W multiples of 32 (one shape per batch) ->
+(B, K, 6) rows ``[x1, y1, x2, y2, score, class]`` in input pixels, from the one-to-one head, sorted by score, no
+NMS.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from model import Detector, akconv_layers, fuse_for_inference, load
+from model.checkpoint import ModelMetadata
+from model.compiled import CompiledDetector, compiled_detector
+from service.core.batch_policy import Shape, Timings, measure, served_shapes
+from service.core.images import Letterbox, unletterbox_boxes
+from service.process.settings import Settings
+from service.schemas import Detection
+
+log = logging.getLogger(__name__)
+
+
+class EngineProtocol(Protocol):
+    """What the service needs of a model engine.
+
+    ``infer`` runs in the batcher's single worker thread; everything else is called from the event loop.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def metadata(self) -> ModelMetadata: ...
+
+    @property
+    def checksum(self) -> str:
+        """The model file's checksum status: ``verified``, ``not recorded`` or ``not applicable``."""
+
+    @property
+    def names(self) -> list[str]:
+        """Class names, indexed by class id."""
+
+    @property
+    def input_size(self) -> int:
+        """Side S of the square an image is fitted into, pixels (its input is at most S × S)."""
+
+    @property
+    def device(self) -> str:
+        """Where inference runs: ``cpu``, ``cuda:0``."""
+
+    @property
+    def dtype(self) -> str:
+        """``float32`` or ``float16``."""
+
+    @property
+    def akconv_layers(self) -> int: ...
+
+    @property
+    def parameters(self) -> int: ...
+
+    def verify(self, shape: Shape) -> None:
+        """One forward of a grey image of ``shape`` (height, width); raises :class:`ModelCheckFailed` unless it
+        answers finite rows (1, K, 6). Run on every load, before the model serves."""
+
+    def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
+        """Before traffic: time the forward of each input shape (height, width) at batch sizes up to
+        ``max_batch_size`` (:func:`service.core.batch_policy.measure`). Returns its timings; nothing is run when
+        ``rounds`` is 0."""
+
+    def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Args: images, each uint8 (3, H, W), all of one shape. Returns: float32 CPU tensor (B, K, 6), rows as in
+        the module docstring."""
+
+    def detections(
+        self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
+    ) -> list[Detection]:
+        """Rows (K, 6) of one image -> detections in its original pixels, filtered and capped."""
+
+    def gpu_memory(self) -> dict[str, int]:
+        """Device memory in bytes by kind (empty on CPU)."""
+
+
+class ModelCheckFailed(Exception):
+    """A loaded model's first forward did not answer what the service relies on."""
+
+
+def check_rows(rows: torch.Tensor, batch_size: int) -> None:
+    """Raise :class:`ModelCheckFailed` unless ``rows`` are finite, shaped (batch_size, K, 6)."""
+    if rows.ndim != 3 or rows.shape[0] != batch_size or rows.shape[2] != 6:
+        raise ModelCheckFailed(f"the model answered rows of shape {tuple(rows.shape)}, not ({batch_size}, K, 6)")
+    if not torch.isfinite(rows).all():
+        raise ModelCheckFailed("the model answered rows that are not finite (NaN or infinity)")
+
+
+def grey_images(shape: Shape, batch_size: int) -> list[torch.Tensor]:
+    """``batch_size`` letterbox-grey uint8 images (3, H, W) of ``shape``: what warm-up and checks run."""
+    return [torch.full((3, *shape), 114, dtype=torch.uint8)] * batch_size
+
+
+def detections_from_rows(
+    rows: torch.Tensor,
+    names: list[str],
+    geometry: Letterbox,
+    conf: float,
+    classes: set[int] | None,
+    max_det: int,
+) -> list[Detection]:
+    """Rows (K, 6) of one image, sorted by score -> detections in its original pixels, filtered and capped."""
+    rows_np = rows.numpy()
+    keep = rows_np[:, 4] >= conf
+    if classes is not None:
+        keep &= np.isin(rows_np[:, 5].astype(int), list(classes))
+    rows_np = rows_np[keep][:max_det]
+    boxes = unletterbox_boxes(rows_np[:, :4].astype(np.float64), geometry)
+    return [
+        Detection(int(c), names[int(c)], round(float(s), 4), tuple(round(float(v), 1) for v in box))
+        for box, s, c in zip(boxes, rows_np[:, 4], rows_np[:, 5], strict=True)
+    ]
+
+
+def compiled(detector: Detector, shapes: list[Shape], settings: Settings) -> CompiledDetector:
+    """``detector`` with the AOTInductor packages of ``shapes`` in ``settings.compiled_dir`` in front of it
+    (``model/compiled.py``); a shape without a usable package runs eager, with a warning saying why."""
+    prepared = compiled_detector(detector, shapes, settings.max_batch_size, settings.compiled_dir)
+    status = {f"{height}x{width}": state for (height, width), state in prepared.status.items()}
+    log.info("compiled model", extra={"shapes": status, "seconds": round(prepared.seconds, 1)})
+    return prepared.detector
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name} was asked for but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+class Engine:
+    """The :class:`EngineProtocol` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on
+    CUDA)."""
+
+    def __init__(self, settings: Settings, path: Path | None) -> None:
+        """The model at ``path`` (None: the bundled model) as ``settings`` say to run it.
+
+        Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used.
+        """
+        if settings.intra_op_threads:
+            torch.set_num_threads(settings.intra_op_threads)
+        loaded = load(path)
+        self.metadata = loaded.metadata
+        self.checksum = loaded.checksum  # "verified", "not recorded" (format 1 bundle) or "not applicable" (.pt)
+        self.names = list(loaded.metadata.names)
+        self.torch_device = resolve_device(settings.device)
+        half = settings.half if settings.half is not None else self.torch_device.type == "cuda"
+        self.torch_dtype = torch.float16 if half else torch.float32
+        self.input_size = settings.input_size or loaded.metadata.input_size
+        self.akconv_layers = len(akconv_layers(loaded.model))
+        self.parameters = sum(p.numel() for p in loaded.model.parameters())
+        self.detector: Detector | CompiledDetector = fuse_for_inference(loaded.model).to(
+            self.torch_device, self.torch_dtype
+        )
+        self.detector = self.detector.to(memory_format=torch.channels_last)
+        if settings.compiled_dir is not None:
+            self.detector = compiled(self.detector, served_shapes(self.input_size), settings)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    def verify(self, shape: Shape) -> None:
+        check_rows(self.infer(grey_images(shape, 1)), 1)
+
+    def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
+        """Time grey images of each shape at each batch size, which also readies kernels and allocator pools."""
+
+        def forward(shape: Shape, batch_size: int) -> None:
+            self.infer(grey_images(shape, batch_size))
+
+        return measure(forward, shapes, max_batch_size, rounds)
+
+    @torch.inference_mode()
+    def infer(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Args: images, each uint8 (3, H, W), all of one shape. Returns: float32 CPU tensor (B, K, 6), see the
+        module docstring."""
+        batch = torch.stack(images)  # (B, 3, H, W) uint8
+        if self.torch_device.type == "cuda":
+            batch = batch.pin_memory().to(self.torch_device, non_blocking=True)
+        batch = batch.to(self.torch_dtype).div_(255).contiguous(memory_format=torch.channels_last)
+        return self.detector(batch).float().cpu()
+
+    def detections(
+        self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int
+    ) -> list[Detection]:
+        return detections_from_rows(rows, self.names, geometry, conf, classes, max_det)
+
+    def gpu_memory(self) -> dict[str, int]:
+        """CUDA memory in bytes by kind (empty on CPU)."""
+        if self.torch_device.type != "cuda":
+            return {}
+        return {
+            "allocated": torch.cuda.memory_allocated(self.torch_device),
+            "reserved": torch.cuda.memory_reserved(self.torch_device),
+        }
