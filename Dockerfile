@@ -55,7 +55,7 @@ ENV PATH=/opt/app/bin:/opt/venv/bin:$PATH \
     DETECTOR_HOST=0.0.0.0 \
     DETECTOR_PORT=8000
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
 # SIGTERM drains: readiness drops at once, new requests get a JSON 503 while the accepted ones are answered, then

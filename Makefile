@@ -4,18 +4,19 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-dev
 
-.PHONY: install system-deps serve test test-deploy lint format docker-engine image lock deploy-up deploy-down \
+.PHONY: install system-deps serve test test-deploy lint format docker-engine image lock protos deploy-up deploy-down \
 	bench-akconv bench-model bench-load load-trio soak evaluate gpu-check clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
 SYSTEM_TOOLS := nginx promtool prometheus docker-compose chromium
 
-# What a target needs: the server alone (make serve), or the server with training and the test tools.
-$(VENV)/.installed-%: pyproject.toml
+# What a target needs: the server alone (make serve), or the server with training and the test tools; the client's
+# dependencies at the server's exact versions (constraints.txt: pyproject.toml gives the client ranges).
+$(VENV)/.installed-%: pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[$*]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[$*]'
 	touch $@
 
 install: $(INSTALLED)
@@ -23,7 +24,7 @@ install: $(INSTALLED)
 # The benchmarks' extras (peer servers, ONNX Runtime) stay out of the test install.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
-	$(PYTHON) -m pip install --quiet -e '.[dev,bench]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 system-deps:
@@ -57,16 +58,21 @@ VARIANT ?= cpu
 image: docker-engine
 	deploy/image/build.sh $(VARIANT)
 
-# The image's locked requirements, resolved from pyproject.toml's [server] pins for Linux x86_64 with every file's
-# hash. The CPU lock leaves out what torch never loads on a CPU (deploy/image/prune-for-cpu.sh prunes the rest).
-LOCK := $(VENV)/bin/uv pip compile pyproject.toml --extra server --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple --native-tls --quiet \
-	--custom-compile-command "make lock"
+# The image's locked requirements, resolved from pyproject.toml's [server] pins and constraints.txt for Linux x86_64
+# with every file's hash. The CPU lock leaves out what torch never loads on a CPU (deploy/image/prune-for-cpu.sh prunes
+# the rest).
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --extra server --constraint constraints.txt --generate-hashes \
+	--python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple --native-tls \
+	--quiet --custom-compile-command "make lock"
 CPU_UNUSED := triton nvidia-cusolver nvidia-nvtx cuda-bindings cuda-pathfinder
 lock: $(INSTALLED)
 	$(PYTHON) -m pip install --quiet uv==0.13.9
 	$(LOCK) -o deploy/image/requirements-gpu.txt
 	$(LOCK) $(foreach package,$(CPU_UNUSED),--no-emit-package $(package)) -o deploy/image/requirements-cpu.txt
+
+# The gRPC front door's messages (service/doors/oip_grpc.proto) compiled to the descriptor set the server loads.
+protos: $(INSTALLED)
+	cd service/doors && $(CURDIR)/$(PYTHON) -m grpc_tools.protoc -I. --descriptor_set_out=oip_grpc.binpb oip_grpc.proto
 
 # The compose stack (docker-compose.yml) on this machine, stand-ins where official images cannot be pulled.
 deploy-up: image

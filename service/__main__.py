@@ -7,9 +7,9 @@ answered, ``request_timeout_s`` at most; then uvicorn closes the listener and id
 under way and the process exits. uvicorn's graceful window, ``request_timeout_s`` + 5 s from the signal, bounds the
 whole stop: what still runs at its end is answered 503 ``shutting_down``. A second SIGINT exits at once.
 
-Start-up fails closed, with one plain line on stderr naming what to fix: exit 2 for a bad setting, exit 3 when the
-address cannot be bound (checked before the model loads) or the app fails to start, and a model file that cannot be
-used exits with its kind's status (``model/README.md``).
+Start-up fails closed, with one plain line on stderr naming what to fix: exit 2 for a bad setting (an ``OTEL_*``
+tracing variable included), exit 3 when the address cannot be bound (checked before the model loads) or the app fails
+to start, and a model file that cannot be used exits with its kind's status (``model/README.md``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from model.checkpoint import CheckpointError
 from service.app import create_app
 from service.core.engine import Engine
 from service.core.models import model_sources
+from service.process import tracing
 from service.process.logs import configure_logging
 from service.process.server import ServiceServer, bind_listener, uvicorn_config, warn_if_files_may_run_out
 from service.process.settings import Settings, settings_from_cli
@@ -52,11 +53,19 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_cli(sys.argv[1:] if argv is None else argv)
     except (ValidationError, SettingsError) as error:
         fail(BAD_SETTINGS, describe_settings_error(error))
+    port = settings.port
     try:
-        listener = bind_listener(settings.host, settings.port)
+        listener = bind_listener(settings.host, port)
+        if settings.grpc_port:
+            port = settings.grpc_port
+            bind_listener(settings.host, port).close()  # only checked: the gRPC server binds it once the loop runs
     except OSError as error:
-        fail(STARTUP_FAILURE, f"cannot listen on {settings.host}:{settings.port}: {error.strerror or error}")
+        fail(STARTUP_FAILURE, f"cannot listen on {settings.host}:{port}: {error.strerror or error}")
     configure_logging(settings.log_level)
+    try:
+        tracing.setup()  # OTEL_* (README "Tracing"); off unless OTEL_TRACES_EXPORTER=otlp
+    except tracing.TracingConfigError as error:
+        fail(BAD_SETTINGS, f"bad setting: {error}")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while the models load; reloads them once serving
     serve(create_app(settings, load_engines(settings)), settings, listener)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -30,23 +29,25 @@ from service.core.engine import Engine, EngineProtocol
 from service.core.errors import ServiceError, ShuttingDown, shown
 from service.core.models import EngineLoader, ModelRegistry, ModelSource
 from service.core.pipeline import PARSE_THREADS, Pipeline
-from service.doors.dependencies import ServiceState, limit_headers
+from service.doors.dependencies import REQUEST_ID, ServiceState, limit_headers
 from service.doors.docs import docs_router
 from service.doors.oip import error_body
+from service.doors.oip_grpc import start_grpc_server
 from service.doors.oip_rest import oip_router
 from service.doors.rest import detect_router, ops_router
+from service.process import tracing
+from service.process.logs import bind_request_id, log_access, unbind_request_id
 from service.process.metrics import Metrics
 from service.process.settings import Settings
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("service.access")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
     """The error answer: ``{"error": {"code", "message"}}``, or the Open Inference Protocol's ``{"error": message}``
     under ``/v2``."""
     body = error_body(message) if path.startswith("/v2") else {"error": {"code": code, "message": message}}
+    tracing.note_outcome(code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -81,7 +82,8 @@ def _admission(settings: Settings, metrics: Metrics) -> Admission:
 
 
 class ObserveRequests:
-    """Pure ASGI middleware: request id, arrival time, request metrics and one JSON access-log line per request.
+    """Pure ASGI middleware: request id, arrival time, request metrics and one JSON access-log line per request,
+    all inside the request's span when tracing is on (:func:`service.process.tracing.request_span`).
 
     Also the last word on a request the server gives up on: uvicorn cancels what is still running when its drain
     window ends, and such a request is answered a JSON 503 ``shutting_down`` here (not uvicorn's plain-text 500).
@@ -98,7 +100,7 @@ class ObserveRequests:
             return
         arrived = time.monotonic()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
         status = 500
         started = False
@@ -111,31 +113,29 @@ class ObserveRequests:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except asyncio.CancelledError:
-            # Only the server cancels a request's task: its drain window is over. The task ends here, answered.
-            if not started:
-                refusal = ShuttingDown("the server shut down before this request was answered")
-                await _service_error(refusal, scope["path"])(scope, receive, send_with_id)
-        finally:
-            endpoint = _endpoint(scope, self.routes)
-            seconds = time.monotonic() - arrived
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(endpoint).observe(seconds)
-            client = scope.get("client") or ("", 0)
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "path": shown(scope["path"], quote=False),  # the client sizes it (to max_header_bytes)
-                    "endpoint": endpoint,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 2),
-                    "client": client[0],
-                },
-            )
+        logged = bind_request_id(request_id)
+        attributes = {
+            "http.request.method": scope["method"],
+            "url.path": scope["path"],
+            "detector.request_id": request_id,
+        }
+        with tracing.request_span(scope["method"], tracing.http_carrier(scope["headers"]), attributes) as span:
+            try:
+                await self.app(scope, receive, send_with_id)
+            except asyncio.CancelledError:
+                # Only the server cancels a request's task: its drain window is over. The task ends here, answered.
+                if not started:
+                    refusal = ShuttingDown("the server shut down before this request was answered")
+                    await _service_error(refusal, scope["path"])(scope, receive, send_with_id)
+            finally:
+                endpoint = _endpoint(scope, self.routes)
+                tracing.set_outcome(span, status, http_route=endpoint)
+                seconds = time.monotonic() - arrived
+                self.metrics.observe_request(endpoint, status, seconds)
+                client = scope.get("client") or ("", 0)
+                path = shown(scope["path"], quote=False)  # the client sizes it (to max_header_bytes)
+                log_access(request_id, scope["method"], path, endpoint, status, seconds, client[0])
+                unbind_request_id(logged)
 
 
 def create_app(
@@ -160,6 +160,7 @@ def create_app(
         parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse")
         state.pipeline = Pipeline(settings, metrics, decode_pool, _admission(settings, metrics), parse_pool)
         state.models = models
+        grpc_server = await start_grpc_server(state) if settings.grpc_port else None
         state.set_ready(True)
         for slot in models.slots:
             engine = slot.live.engine
@@ -177,10 +178,13 @@ def create_app(
         finally:
             state.draining = True
             state.set_ready(False)
+            if grpc_server is not None:  # its calls in flight were admitted: the HTTP server's drain waited for them
+                await grpc_server.stop(grace=settings.request_timeout_s)
             await models.stop()
             decode_pool.shutdown(wait=True)
             parse_pool.shutdown(wait=True)
             log.info("stopped")
+            tracing.flush()  # the last spans out before the process ends (a stop signal ends it without exit handlers)
 
     app = FastAPI(
         title="AKConv detector",

@@ -11,6 +11,10 @@ single worker thread so the event loop never blocks. Guarantees:
 - client gone: a cancelled :meth:`submit` (the client disconnected) drops its item before compute;
 - nothing accepted is left hanging: a failing batch fails each of its items with :class:`InferenceFailed`,
   and the worker goes on; :meth:`stop` answers whatever is still queued after draining.
+
+When tracing is on (:mod:`service.process.tracing`), each item waits in a ``queue_wait`` span (a child of the span
+current at :meth:`submit`) that names the batch it ran in, and each batch runs in one ``forward`` span linked to its
+items' spans, current on the inference thread.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from service.process import tracing
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,7 @@ class Pending(Generic[Item]):
     deadline: float
     started: bool = False
     abandoned: bool = False  # the caller stopped waiting (deadline or disconnect): skip it
+    span: Any = None  # its queue_wait span while tracing is on
 
 
 @dataclass
@@ -106,8 +112,9 @@ class DynamicBatcher(Generic[Item, Result]):
         batches = math.ceil((len(self._queue) + 1) / largest)
         return max(1, math.ceil(batches * self._batch_seconds))
 
-    async def submit(self, item: Item, deadline: float) -> Result:
-        """Queue ``item`` and wait for its result. ``deadline`` is a ``time.monotonic()`` value."""
+    async def submit(self, item: Item, deadline: float, trace_attributes: dict[str, Any] | None = None) -> Result:
+        """Queue ``item`` and wait for its result. ``deadline`` is a ``time.monotonic()`` value; ``trace_attributes``
+        go on its ``queue_wait`` span and, from the first item, on its batch's ``forward`` span."""
         if not self._accepting:
             raise NotReady("the server is not accepting requests")
         if len(self._queue) >= self.max_queue:
@@ -115,20 +122,21 @@ class DynamicBatcher(Generic[Item, Result]):
             raise QueueFull(f"the queue is full ({self.max_queue}); retry in {retry} s", {"Retry-After": str(retry)})
         now = time.monotonic()
         pending = Pending(item, self.group_key(item), asyncio.get_running_loop().create_future(), now, deadline)
+        pending.span = tracing.start_span("queue_wait", trace_attributes)
         self._queue.append(pending)
         self._idle.clear()
         self.observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
             done, _ = await asyncio.wait({pending.future}, timeout=max(deadline - now, 0))
-        except asyncio.CancelledError:
+            if done or pending.started:  # compute already spent: deliver the answer, even late
+                return await pending.future
+            raise DeadlineExceeded("the request waited past its deadline in the queue")
+        except BaseException as error:  # past its deadline, cancelled (the client left), or refused by stop()
             if not pending.started:
                 pending.abandoned = True
+                tracing.end_span(pending.span, error)  # else the worker ended it when its batch started
             raise
-        if done or pending.started:  # compute already spent: deliver the answer, even late
-            return await pending.future
-        pending.abandoned = True
-        raise DeadlineExceeded("the request waited past its deadline in the queue")
 
     async def _next_batch(self) -> list[Pending]:
         """Wait for the first live item, then until its key's batch is full or the item has waited max_wait; take
@@ -193,15 +201,22 @@ class DynamicBatcher(Generic[Item, Result]):
             if not batch:
                 continue
             started = time.monotonic()
+            forward = tracing.start_batch("forward", (pending.span for pending in batch))
             for pending in batch:
                 pending.started = True
-                self.observer.queue_wait(started - pending.enqueued_at)
+                with tracing.using(pending.span):  # the histogram's exemplar
+                    self.observer.queue_wait(started - pending.enqueued_at)
+                tracing.end_span(pending.span, batch=forward)
+            failure = None
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
+                run_batch = tracing.bound(self.run_batch, forward)
+                results = await loop.run_in_executor(self._executor, run_batch, [p.item for p in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             except Exception as error:  # noqa: BLE001  (the worker must survive any batch)
-                log.exception("inference batch failed", extra={"batch_size": len(batch)})
+                failure = error
+                with tracing.using(forward):
+                    log.exception("inference batch failed", extra={"batch_size": len(batch)})
                 for pending in batch:
                     self._resolve(pending, error=InferenceFailed(f"inference failed: {type(error).__name__}"))
             else:
@@ -209,7 +224,9 @@ class DynamicBatcher(Generic[Item, Result]):
                     self._resolve(pending, result=result)
             seconds = time.monotonic() - started
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-            self.observer.batch(len(batch), seconds)
+            with tracing.using(forward):
+                self.observer.batch(len(batch), seconds)
+            tracing.end_span(forward, failure)
 
     @staticmethod
     def _resolve(pending: Pending, result: Any = None, error: Exception | None = None) -> None:

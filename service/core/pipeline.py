@@ -13,6 +13,10 @@ body: 10-20 ms for 10 MB). Work that a client can make grow with its body's cont
 threads: image headers and OIP request bodies on the parse thread (:meth:`Pipeline.parse`), decoding and drawing on
 the decode threads; budgets and metrics are touched only on the loop. Threads share the GIL, so one C call that
 holds it (``json.loads``) stalls the loop from any thread: such work is bounded before it starts.
+
+When tracing is on, each stage is a span, child of the request's (:mod:`service.process.tracing`): ``admission``,
+``read_body``, ``parse``, ``decode``, ``queue_wait`` and ``forward`` (:mod:`service.core.batcher`), ``postprocess``;
+work sent to a thread runs in the request's context.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from service.core.errors import (
 )
 from service.core.images import Letterbox, decode, letterbox, read_header
 from service.core.models import ServedVersion
+from service.process import tracing
 from service.process.metrics import Metrics
 from service.process.settings import Settings
 from service.schemas import Detection, DetectResponse
@@ -221,7 +226,8 @@ class Pipeline:
     def admit(self) -> Ticket:
         """Admit one more request in flight, or raise :class:`~service.core.errors.Overloaded`; close the ticket when
         the request is answered."""
-        return self.admission.admit()
+        with tracing.span("admission"):
+            return self.admission.admit()
 
     async def read_images(
         self,
@@ -248,7 +254,12 @@ class Pipeline:
         """The whole body, within the upload limit and the deadline; ``copies`` times its bytes held on ``ticket``
         (2 when its images are copied out of it)."""
         limit = self.settings.max_upload_bytes
-        return await read_body(chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n))
+        with tracing.span("read_body") as span:
+            body = await read_body(
+                chunks, declared, limit, self.deadline(arrived), lambda n: ticket.hold_body(copies * n)
+            )
+            span.set_attribute("http.request.body.size", len(body))
+            return body
 
     async def parse(self, work: Callable[[], T], arrived: float) -> T:
         """``work()``, parsing that grows with a request's body (an OIP request), on the parse thread; waiting for
@@ -256,7 +267,8 @@ class Pipeline:
         no metric: they are the loop's."""
         try:
             async with asyncio.timeout(max(self.deadline(arrived) - time.monotonic(), 0)):
-                return await asyncio.wrap_future(self.parse_pool.submit(work))
+                with tracing.span("parse"):
+                    return await asyncio.wrap_future(self.parse_pool.submit(tracing.in_current_context(work)))
         except TimeoutError:
             raise DeadlineExceeded("the request waited past its deadline to be parsed") from None
 
@@ -285,7 +297,7 @@ class Pipeline:
                     if large:
                         self.large_decodes.release()
 
-                job = self.decode_pool.submit(prepare, data, max_pixels, size, keep_pixels)
+                job = self.decode_pool.submit(tracing.in_current_context(prepare), data, max_pixels, size, keep_pixels)
                 # Released when the thread is done (or the job cancelled before it started), not when the request
                 # stops waiting: a decode that outlives its request still holds its memory and its thread.
                 job.add_done_callback(lambda _: loop.call_soon_threadsafe(decoded))
@@ -310,16 +322,22 @@ class Pipeline:
         only for drawing: a queued request otherwise holds just the model input.
         """
         engine, metrics = model.engine, self.metrics
-        prepared = await self._prepare(ticket, data, engine.input_size, keep_pixels, self.deadline(arrived))
+        with tracing.span("decode") as span:
+            prepared = await self._prepare(ticket, data, engine.input_size, keep_pixels, self.deadline(arrived))
+            if span.is_recording():
+                span.set_attributes(_decode_attributes(prepared))
         metrics.preprocess_duration.observe(prepared.seconds)
         submitted = time.monotonic()
-        output = await model.batcher.submit(prepared.tensor, deadline=self.deadline(arrived))
+        traced = _model_attributes(model, prepared) if tracing.enabled() else None
+        output = await model.batcher.submit(prepared.tensor, deadline=self.deadline(arrived), trace_attributes=traced)
         finished = time.monotonic()
-        detections = engine.detections(output.rows, prepared.geometry, query.conf, query.classes, query.max_det)
-        if query.dedupe_iou is not None:
-            detections = one_box_per_place(detections, query.dedupe_iou)
-        for detection in detections:
-            metrics.detections.labels(model.name, detection.class_name).inc()
+        with tracing.span("postprocess") as span:
+            detections = engine.detections(output.rows, prepared.geometry, query.conf, query.classes, query.max_det)
+            if query.dedupe_iou is not None:
+                detections = one_box_per_place(detections, query.dedupe_iou)
+            for detection in detections:
+                metrics.detections.labels(model.name, detection.class_name).inc()
+            span.set_attribute("detector.detections", len(detections))
         done = time.monotonic()
         geometry = prepared.geometry
         response = DetectResponse(
@@ -345,3 +363,22 @@ class Pipeline:
             batch_size=output.batch_size,
         )
         return ImageResult(response, detections, prepared.pixels)
+
+
+def _decode_attributes(prepared: Prepared) -> dict[str, object]:
+    """A ``decode`` span's attributes (:data:`service.process.tracing.ATTRIBUTES`)."""
+    return {
+        "detector.image.width": prepared.geometry.width,
+        "detector.image.height": prepared.geometry.height,
+        "detector.input.shape": list(prepared.tensor.shape),
+        "detector.decode_ms": round(prepared.seconds * 1000, 3),
+    }
+
+
+def _model_attributes(model: ServedVersion, prepared: Prepared) -> dict[str, object]:
+    """An image's ``queue_wait`` and its batch's ``forward`` attributes."""
+    return {
+        "detector.model.name": model.name,
+        "detector.model.version": model.version,
+        "detector.input.shape": list(prepared.tensor.shape),
+    }

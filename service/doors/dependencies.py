@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import hmac
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from pydantic import SecretStr
 
 from service.core.errors import BadRequest, HeadersTooLarge, NotReady, Unauthorized, shown
 from service.core.models import ModelRegistry, ModelSlot
 from service.core.pipeline import DetectQuery, Pipeline
 from service.process.metrics import Metrics
 from service.process.settings import Settings
+
+# A caller's X-Request-ID (or gRPC x-request-id) is kept when it is this safe to log; else one is made up.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass
@@ -55,11 +61,16 @@ def limit_headers(request: Request, state: StateDep) -> None:
 
 def require_api_key(request: Request, state: StateDep) -> None:
     """With an API key configured: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` is required."""
-    expected = state.settings.api_key
+    check_api_key(state.settings.api_key, request.headers)
+
+
+def check_api_key(expected: SecretStr | None, headers: Mapping[str, str]) -> None:
+    """Raise :class:`Unauthorized` unless ``headers`` (lower-case names: HTTP headers, or gRPC metadata) carry the
+    key ``expected`` as ``x-api-key`` or ``authorization: Bearer KEY``; nothing is required when it is None."""
     if expected is None:
         return
-    given = request.headers.get("x-api-key") or ""
-    authorization = request.headers.get("authorization", "")
+    given = headers.get("x-api-key") or ""
+    authorization = headers.get("authorization", "")
     if not given and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
     if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):

@@ -80,6 +80,7 @@ OUTPUTS = (
     TensorSpec("det_classes", "INT32", (-1, -1)),
 )
 _OUTPUT_SPECS = {spec.name: spec for spec in OUTPUTS}
+_EXPECTED_INPUT = f"the model takes one input, {INPUT.name} ({INPUT.datatype}, shape [B]: B encoded image files)"
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,32 @@ def parse_infer_request(body: bytes, header_length: int | None, *, max_images: i
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
     parameters = _object(header.get("parameters", {}), "'parameters'")
+    images = _images(header.get("inputs"), binary, max_images)
+    return infer_request(request_id, images, parameters, header.get("outputs"), _flag(parameters, "binary_data_output"))
+
+
+def infer_request(
+    request_id: str | None, images: list[bytes], parameters: dict[str, Any], outputs: Any, binary_default: bool
+) -> InferRequest:
+    """The request, from its parts as a transport decoded them (JSON over REST, protobuf over gRPC).
+
+    Args:
+        request_id: the request's ``id``, None when it gave none.
+        images: the input's files (:func:`check_image_input` has checked their count).
+        parameters: the request's parameters by name, as JSON values (``conf``, ``max_det``, ``classes`` are read).
+        outputs: the requested outputs as JSON (a list of ``{"name", "parameters"}`` objects), None for all four.
+        binary_default: whether an output that does not say is binary.
+
+    Raises:
+        BadRequest: a parameter or output the request gets wrong.
+    """
     return InferRequest(
         id=request_id,
-        images=_images(header.get("inputs"), binary, max_images),
+        images=images,
         conf=_conf(parameters.get("conf")),
         max_det=_max_det(parameters.get("max_det")),
         classes=_classes(parameters.get("classes")),
-        outputs=_requested_outputs(header.get("outputs"), _flag(parameters, "binary_data_output")),
+        outputs=_requested_outputs(outputs, binary_default),
     )
 
 
@@ -189,11 +209,9 @@ def infer_response(
         JSON header followed by the binary outputs' little-endian data in output order
         (``Content-Type: application/octet-stream`` and ``Inference-Header-Content-Length``).
     """
-    tensors = _detection_tensors(per_image, max_det)
     outputs, chunks = [], []
-    for output in requested:
-        array = tensors[output.name]
-        tensor = {"name": output.name, "datatype": _OUTPUT_SPECS[output.name].datatype, "shape": list(array.shape)}
+    for output, datatype, array in output_tensors(per_image, max_det, requested):
+        tensor = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
         if output.binary:
             chunks.append(array.tobytes())
             tensor["parameters"] = {"binary_data_size": len(chunks[-1])}
@@ -209,6 +227,15 @@ def infer_response(
         return header, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
     return b"".join([header, *chunks]), headers
+
+
+def output_tensors(
+    per_image: Sequence[Sequence[Detection]], max_det: int, requested: Sequence[RequestedOutput]
+) -> list[tuple[RequestedOutput, str, np.ndarray]]:
+    """The requested outputs, in order, each with its datatype and its little-endian array (shapes in the module's
+    docstring), for B = ``len(per_image)`` images and K = ``max_det`` slots."""
+    tensors = _detection_tensors(per_image, max_det)
+    return [(output, _OUTPUT_SPECS[output.name].datatype, tensors[output.name]) for output in requested]
 
 
 def server_metadata(version: str) -> dict[str, Any]:
@@ -290,22 +317,10 @@ def _flag(parameters: dict[str, Any], name: str) -> bool:
 def _images(inputs: Any, binary: memoryview, max_images: int) -> list[bytes]:
     """The files of the one ``IMAGE`` input, from its JSON ``data`` (base64) or from ``binary`` (length-prefixed);
     its shape is checked against ``max_images`` and the bytes sent before any element is read."""
-    expected = f"the model takes one input, {INPUT.name} ({INPUT.datatype}, shape [B]: B encoded image files)"
     if not isinstance(inputs, list) or len(inputs) != 1:
-        raise BadRequest(f"'inputs' must list one input: {expected}")
+        raise BadRequest(f"'inputs' must list one input: {_EXPECTED_INPUT}")
     tensor = _object(inputs[0], "an input")
-    if tensor.get("name") != INPUT.name:
-        raise BadRequest(f"unknown input {shown(tensor.get('name'))}: {expected}")
-    if tensor.get("datatype") != INPUT.datatype:
-        raise BadRequest(f"input {INPUT.name} has datatype {shown(tensor.get('datatype'))}: {expected}")
-    shape = tensor.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int):
-        raise BadRequest(f"input {INPUT.name} has shape {shown(shape)}: {expected}")
-    count = shape[0]
-    if count < 1:
-        raise BadRequest(f"input {INPUT.name} has shape [{count}]: send at least one image")
-    if count > max_images:
-        raise BadRequest(f"{count} images in input {INPUT.name}; at most {max_images} per request")
+    count = check_image_input(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), max_images)
     parameters = _object(tensor.get("parameters", {}), f"the parameters of input {INPUT.name}")
     if "shared_memory_region" in parameters:
         raise BadRequest("the shared-memory extension is not supported: send the data in the request")
@@ -326,10 +341,31 @@ def _images(inputs: Any, binary: memoryview, max_images: int) -> list[bytes]:
             f"input {INPUT.name} has shape [{count}], but its {len(binary)} bytes of binary data cannot hold "
             f"{count} elements ({_LENGTH.size} bytes of length each, at least)"
         )
-    return _bytes_elements(binary, count)
+    return bytes_elements(binary, count)
 
 
-def _bytes_elements(data: memoryview, count: int) -> list[bytes]:
+def check_image_input(name: Any, datatype: Any, shape: Any, max_images: int) -> int:
+    """The number of images B in input ``IMAGE`` (``BYTES``, shape ``[B]``), 1 <= B <= ``max_images``; checked
+    before any element is read.
+
+    Raises:
+        BadRequest: another input, datatype or shape.
+    """
+    if name != INPUT.name:
+        raise BadRequest(f"unknown input {shown(name)}: {_EXPECTED_INPUT}")
+    if datatype != INPUT.datatype:
+        raise BadRequest(f"input {INPUT.name} has datatype {shown(datatype)}: {_EXPECTED_INPUT}")
+    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int):
+        raise BadRequest(f"input {INPUT.name} has shape {shown(shape)}: {_EXPECTED_INPUT}")
+    count = shape[0]
+    if count < 1:
+        raise BadRequest(f"input {INPUT.name} has shape [{count}]: send at least one image")
+    if count > max_images:
+        raise BadRequest(f"{count} images in input {INPUT.name}; at most {max_images} per request")
+    return count
+
+
+def bytes_elements(data: memoryview, count: int) -> list[bytes]:
     """``count`` BYTES elements (each a 4-byte little-endian length, then that many bytes) that fill ``data``."""
     elements, offset = [], 0
     while offset < len(data):

@@ -267,7 +267,8 @@ async def config(state: StateDep) -> JSONResponse:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request, state: StateDep) -> Response:
-    """Open like the probes, unless ``metrics_require_key`` puts it behind the API key."""
+    """Open like the probes, unless ``metrics_require_key`` puts it behind the API key. OpenMetrics, with trace
+    exemplars, when ``Accept`` asks for ``application/openmetrics-text``."""
     if state.settings.metrics_require_key:
         require_api_key(request, state)
     if state.models is not None:
@@ -275,5 +276,5 @@ async def metrics(request: Request, state: StateDep) -> Response:
             state.metrics.gpu_memory.labels(kind).set(value)
         for slot in state.models.slots:
             state.metrics.queue_depth.labels(slot.name).set(slot.depth)
-    body, content_type = state.metrics.render()
+    body, content_type = state.metrics.render(request.headers.get("accept"))
     return Response(body, media_type=content_type)

@@ -1,5 +1,8 @@
 """Structured logs: one JSON object per line, with the request id wherever there is one.
 
+A line logged while a request is served carries its ``request_id`` (:func:`bind_request_id`, by the front doors) and,
+when tracing is on, the ``trace_id`` and ``span_id`` of the span it was logged in (:mod:`service.process.tracing`).
+
 Every line the process writes to stderr is JSON: our records, uvicorn's and asyncio's, Python warnings (PIL's
 ``DecompressionBombWarning`` and EXIF warnings among them), and what C libraries print on file descriptor 2 (libtiff's
 warnings and errors, for one), which :func:`configure_logging` turns into records of the ``stderr`` logger.
@@ -20,13 +23,47 @@ import os
 import sys
 import threading
 import time
+from contextvars import ContextVar, Token
 from typing import TextIO
+
+from service.process import tracing
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 # A C library writes to the pipe while it may hold the GIL that the forwarding thread needs to empty it: room for
 # 1 MiB of such output (the largest pipe an unprivileged process may ask for by default) instead of Linux's 64 KiB.
 _PIPE_BYTES = 1024 * 1024
 _DRAIN_AT_EXIT_S = 5.0
+_REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+access_log = logging.getLogger("service.access")
+
+
+def bind_request_id(request_id: str) -> Token:
+    """``request_id`` on every line logged in the current context (the request's task, from its front door) that
+    does not name one; give the token to :func:`unbind_request_id` when the request is answered."""
+    return _REQUEST_ID.set(request_id)
+
+
+def unbind_request_id(token: Token) -> None:
+    _REQUEST_ID.reset(token)
+
+
+def log_access(
+    request_id: str, method: str, path: str, endpoint: str, status: int, seconds: float, client: str
+) -> None:
+    """The access-log line of one answered request (logger ``service.access``), by either front door: ``method`` is
+    ``GRPC`` for a gRPC call, ``status`` the REST status of its outcome; ``path`` as the client sent it (cut)."""
+    access_log.info(
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "endpoint": endpoint,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "client": client,
+        },
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,6 +77,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry |= {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        if "request_id" not in entry and (request_id := _REQUEST_ID.get()) is not None:
+            entry["request_id"] = request_id
+        entry |= tracing.log_fields()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

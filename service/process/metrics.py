@@ -2,7 +2,11 @@
 them. Each :class:`Metrics` owns its registry, so several apps (tests) can live in one process.
 
 What belongs to one served model (its queue, batches, inference time, detections, version) carries a ``model`` label,
-the served name (``/detect?model=NAME``); requests, admission and decoding are the process's."""
+the served name (``/detect?model=NAME``); requests, admission and decoding are the process's.
+
+When tracing is on, the latency histograms keep the trace of a sampled observation as its bucket's exemplar
+(:class:`TracedHistogram`); exemplars are exported only in OpenMetrics, for a scrape that asks for it
+(``Accept: application/openmetrics-text``, as Prometheus does)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
+
+from service.process import tracing
 
 # From sub-millisecond GPU batches to multi-second CPU queues (seconds).
 LATENCY_BUCKETS = (
@@ -37,7 +43,19 @@ REJECTION_REASONS = (
 )
 
 
+class TracedHistogram(Histogram):
+    """A histogram whose observations made in a sampled span carry it as their exemplar (trace_id, span_id)."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        super().observe(amount, exemplar if exemplar is not None else tracing.exemplar())
+
+
 class Metrics:
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One answered request, by either front door (gRPC calls with the REST status of their outcome)."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_duration.labels(endpoint).observe(seconds)
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -46,19 +64,19 @@ class Metrics:
         self.requests = Counter(
             "detector_requests", "HTTP requests answered", ["endpoint", "status"], registry=registry
         )
-        self.request_duration = Histogram(
+        self.request_duration = TracedHistogram(
             "detector_request_duration_seconds", "Request latency, arrival to response", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.queue_wait = Histogram(
+        self.queue_wait = TracedHistogram(
             "detector_queue_wait_seconds", "Time an image waited in the batch queue", ["model"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.preprocess_duration = Histogram(
+        self.preprocess_duration = TracedHistogram(
             "detector_preprocess_duration_seconds", "Decode and letterbox time per image", buckets=LATENCY_BUCKETS,
             registry=registry,
         )  # fmt: skip
-        self.inference_duration = Histogram(
+        self.inference_duration = TracedHistogram(
             "detector_inference_duration_seconds", "Model time per batch (transfer, forward, copy back)", ["model"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
@@ -99,6 +117,10 @@ class Metrics:
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)  # export zeros, so rate() works before the first rejection
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics (with exemplars) when ``accept`` (the scrape's
+        ``Accept`` header) asks for ``application/openmetrics-text``, else Prometheus' text format."""
+        if accept and "application/openmetrics-text" in accept:
+            encoder, content_type = choose_encoder(accept)
+            return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

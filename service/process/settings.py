@@ -50,6 +50,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Open Inference Protocol over gRPC on this port (8001 in the deployments); 0: off",
+    )
     model_path: Path | None = Field(None, description="bundle directory or ultralytics .pt; default: bundled model")
     models: dict[str, Path] = Field(
         {},
@@ -139,6 +145,8 @@ class Settings(BaseSettings):
             )
         if self.models and self.model_path is not None:
             raise ValueError("set model_path (one model) or models (several), not both")
+        if self.grpc_port == self.port:
+            raise ValueError(f"grpc_port ({self.grpc_port}) must differ from port")
         if self.metrics_require_key and self.api_key is None:
             raise ValueError("metrics_require_key needs an api_key to require")
         return self

@@ -8,6 +8,7 @@ import tomllib
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from service.process.metrics import Metrics
 from service.process.settings import Settings
@@ -28,10 +29,22 @@ def exported_metric_names() -> set[str]:
     return {family.name + suffix for family in Metrics().registry.collect() for suffix in SERIES_SUFFIXES[family.type]}
 
 
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.models.yml"]
+COMPOSE_FILES = [
+    "docker-compose.yml",
+    "docker-compose.gpu.yml",
+    "docker-compose.models.yml",
+    "docker-compose.tracing.yml",
+]
 
 
-@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["docker-compose.yml"],
+        ["docker-compose.yml", "docker-compose.gpu.yml"],
+        ["docker-compose.yml", "docker-compose.tracing.yml"],
+    ],
+)
 def test_compose_files_validate(files):
     args = [a for f in files for a in ("-f", f)]
     result = run(tool("docker-compose"), *args, "config", "--quiet")
@@ -61,7 +74,10 @@ def test_compose_publishes_on_loopback_unless_told_otherwise():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     published = {name: service["ports"] for name, service in services.items() if "ports" in service}
     assert published == {
-        "lb": ["${PUBLISH_ADDRESS:-127.0.0.1}:${LB_PORT:-8080}:8080"],
+        "lb": [
+            "${PUBLISH_ADDRESS:-127.0.0.1}:${LB_PORT:-8080}:8080",
+            "${PUBLISH_ADDRESS:-127.0.0.1}:${LB_GRPC_PORT:-8081}:8081",
+        ],
         "prometheus": ["127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"],
         "grafana": ["${PUBLISH_ADDRESS:-127.0.0.1}:${GRAFANA_PORT:-3000}:3000"],
     }
@@ -79,6 +95,22 @@ def test_compose_shape():
     devices = gpu["services"]["detector"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert gpu["services"]["detector"]["build"]["args"] == {"VARIANT": "gpu"}
+
+
+def test_every_deployment_turns_grpc_on_and_exposes_it():
+    """Compose, nginx and the Kubernetes base serve the Open Inference Protocol over gRPC on 8001 (h2c)."""
+    detector = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["detector"]
+    assert detector["environment"]["DETECTOR_GRPC_PORT"] == "8001" and "8001" in detector["expose"]
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert "listen 8081 http2;" in conf and "grpc_pass grpc://detector_grpc;" in conf
+    assert "server detector:8001" in conf
+    (deployment,) = k8s_documents(K8S / "base" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": 8001} in container["ports"]
+    assert {"name": "DETECTOR_GRPC_PORT", "value": "8001"} in container["env"]
+    (service,) = k8s_documents(K8S / "base" / "service.yaml")
+    grpc_port = next(port for port in service["spec"]["ports"] if port["name"] == "grpc")
+    assert grpc_port["targetPort"] == "grpc" and grpc_port["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_dockerfile_lints_clean():
@@ -114,6 +146,31 @@ def test_image_locks_hold_the_server_pins_and_the_cpu_lock_only_leaves_out_what_
     assert all(cpu[name] == gpu[name] for name in cpu)
     makefile = (REPO / "Makefile").read_text()
     assert set(re.search(r"^CPU_UNUSED := (.+)$", makefile, re.MULTILINE).group(1).split()) == CPU_UNUSED
+
+
+def constraints() -> dict[str, str]:
+    """Package -> version of constraints.txt (the server's exact versions of the client's dependencies)."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    return dict(line.split("==") for line in lines if line)
+
+
+def test_the_server_installs_the_clients_dependencies_at_the_constraints_versions():
+    """pyproject.toml gives the client ranges; constraints.txt pins each at the version the server runs, inside its
+    range; the image's locks hold those versions, and every server install (the Makefile's, so CI's) and `make lock`
+    read the file."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ranges = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    pins = constraints()
+    assert set(pins) == set(ranges), "one exact version per client dependency"
+    assert all(ranges[name].contains(version) for name, version in pins.items()), (ranges, pins)
+    for variant in ("gpu", "cpu"):
+        lock = locked(variant)
+        assert {name: lock.get(name) for name in pins} == pins, "run `make lock`"
+    makefile = (REPO / "Makefile").read_text()
+    installs = re.findall(r"^\t\$\(PYTHON\) -m pip install .*-e '\.\[.*$", makefile, re.MULTILINE)
+    assert installs and all(" -c constraints.txt " in line for line in installs), installs
+    lock_command = re.search(r"^LOCK := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE).group(1)
+    assert "--constraint constraints.txt" in lock_command
 
 
 def test_nginx_config_matches_the_service_limits():

@@ -188,7 +188,7 @@ def test_a_sighup_swap_behind_nginx_loses_no_request_and_never_goes_back(tmp_pat
     with (
         running_replica(tmp_path / "a", variable, value(link)) as a,
         running_replica(tmp_path / "b", variable, value(link)) as b,
-        running_nginx(tmp_path / "nginx", [a.url, b.url]) as lb,
+        running_nginx(tmp_path / "nginx", [a.url, b.url]) as (lb, _),
     ):
         run = asyncio.run(swap_under_load(lb, [a, b], link, models))
         for replica in (a, b):

@@ -15,7 +15,7 @@ import ultralytics
 from service.app import create_app
 from service.process.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PHOTOS = [Path(ultralytics.__file__).parent / "assets" / name for name in ("bus.jpg", "zidane.jpg")]  # 3:4, 16:9
 IMAGE_SIZE = 320  # the seed's loop AKConv (what ultralytics runs here) is slow: a small input keeps the test short
 CONF = 0.0  # a random-weight model scores low: compare its top detections whatever their score

@@ -144,7 +144,7 @@ def test_tritonclient_detections_equal_detect_on_the_bundled_model(tmp_path):
     image, for a real photo and a synthetic sample in one request."""
     import httpx
 
-    photos = [BUS.read_bytes(), (Path(__file__).parents[2] / "service" / "static" / "sample.jpg").read_bytes()]
+    photos = [BUS.read_bytes(), (Path(__file__).parents[3] / "service" / "static" / "sample.jpg").read_bytes()]
     with running_server(tmp_path) as server:
         expected = [
             httpx.post(server.url + "/detect", params={"conf": 0.1}, content=photo,

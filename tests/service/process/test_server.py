@@ -480,3 +480,26 @@ def test_the_drain_and_uvicorns_graceful_window_are_one_window():
         stuck.close()
     # ~2.2 s (uvicorn's 0.1 s tick, the 2 s window); one window after the other would take ~3.7 s
     assert stopped_after is not None and 2 <= stopped_after < 3
+
+
+def test_connections_of_the_listener_send_without_delay():
+    """asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of a listener created as IPPROTO_TCP;
+    with it on, a kept-alive response waited for the client's delayed ACK (~40 ms a request)."""
+
+    async def accepted_nodelay() -> int:
+        listener = bind_listener("127.0.0.1", 0)
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            nodelay = await asyncio.wait_for(accepted, 10)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(accepted_nodelay()) == 1
