@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 
 from bench.processes import free_port
 from tests.deploy.containers import SAMPLE, Load, docker, require_image, wait_until
@@ -34,6 +36,7 @@ class Stack:
     project: str
     environment: dict[str, str]
     lb: str  # the load balancer's URL on 127.0.0.1
+    lb_grpc: str  # its gRPC address on 127.0.0.1
     prometheus: str  # Prometheus's URL on 127.0.0.1
     models: Path  # the host folder mounted at /models in every replica
 
@@ -66,7 +69,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     models = tmp_path_factory.mktemp("stack") / "models"
     models.mkdir(mode=0o755)
     point(models / "shapes", write_version(models, "stack-1"))
-    lb_port, prometheus_port = free_port(), free_port()
+    lb_port, lb_grpc_port, prometheus_port = free_port(), free_port(), free_port()
     environment = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": f"akconv-test-{os.getpid()}",
@@ -74,6 +77,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         "DETECTOR_MODELS_DIR": str(models),
         "PUBLISH_ADDRESS": "127.0.0.1",
         "LB_PORT": str(lb_port),
+        "LB_GRPC_PORT": str(lb_grpc_port),
         "PROMETHEUS_PORT": str(prometheus_port),
         "GRAFANA_PORT": str(free_port()),
     }
@@ -81,6 +85,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         environment["COMPOSE_PROJECT_NAME"],
         environment,
         f"http://127.0.0.1:{lb_port}",
+        f"127.0.0.1:{lb_grpc_port}",
         f"http://127.0.0.1:{prometheus_port}",
         models,
     )
@@ -103,6 +108,18 @@ def test_the_load_balancer_answers_from_the_own_model(stack):
     assert response.status_code == 200, response.text
     assert response.json()["model"] == {"name": "shapes", "version": "stack-1"}
     assert {detection["class_name"] for detection in response.json()["detections"]} == {"star", "triangle"}
+
+
+def test_grpc_through_the_load_balancer_answers_what_detect_answers(stack):
+    """tritonclient.grpc on the load balancer's gRPC listener (nginx grpc_pass to the replicas' port 8001)."""
+    client = triton.InferenceServerClient(stack.lb_grpc)
+    image = triton.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([SAMPLE.read_bytes()], dtype=np.object_))
+    result = client.infer("shapes", [image], client_timeout=60)
+    expected = detect(stack.lb).json()["detections"]
+    assert result.get_response().model_version == "stack-1"
+    assert result.as_numpy("num_dets")[0, 0] == len(expected)
+    assert result.as_numpy("det_classes")[0, : len(expected)].tolist() == [d["class_id"] for d in expected]
 
 
 def test_a_replica_killed_and_restarted_under_load_fails_no_request(stack):
