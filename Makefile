@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-dev
 
 .PHONY: install system-deps serve test test-deploy lint format docker-engine image lock protos deploy-up deploy-down \
-	bench-akconv bench-model bench-load load-trio soak evaluate gpu-check clean
+	bench-akconv bench-model bench-load triton-venv load-trio soak evaluate gpu-check clean
 
 # Debian tools the tests run for real (nginx, Prometheus, compose validation, Chromium for the page);
 # installed when missing (needs root).
@@ -106,10 +106,25 @@ SEED_RECIPE_PT := runs/bench/yolov10s-akconv-seed-recipe.pt
 $(SEED_RECIPE_PT): $(INSTALLED)
 	$(PYTHON) -m bench.seed_checkpoint $(SEED_RECIPE_PT) --size 640
 
-# The service and its peers, all up, in alternating rounds on real photos (a few minutes; longer:
-# make bench-load ROUNDS_ARGS="--rounds 5 --duration 20").
+# Triton Inference Server as a peer (bench/peers/triton_peer.py), in a virtualenv of its own: PyTriton pins numpy<2.
+# Beside it torch and what the project's model and letterbox code import, at the server's versions, and an OpenCV that
+# takes numpy 1 (5.x needs numpy 2); torch comes from this machine's disk.
+TRITON_VENV := .venv-triton
+TRITON_INSTALLED := $(TRITON_VENV)/.installed
+TRITON_PACKAGES := nvidia-pytriton==0.7.0 numpy==1.26.4 torch==2.14.1 torchvision==0.29.1 \
+	ultralytics-opencv-headless==8.4.190 opencv-python-headless==4.11.0.86 safetensors==0.8.0 pillow==13.0.0
+$(TRITON_INSTALLED): pyproject.toml constraints.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON_BOOT) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet -c constraints.txt -e . $(TRITON_PACKAGES)
+	touch $@
+
+triton-venv: $(TRITON_INSTALLED)
+
+# The service and its peers (Triton included), all up, in alternating rounds on real photos (about ten minutes;
+# longer: make bench-load ROUNDS_ARGS="--rounds 5 --duration 20").
 ROUNDS_ARGS ?=
-bench-load: $(BENCH_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json $(SEED_RECIPE_PT)
+bench-load: $(BENCH_INSTALLED) $(TRITON_INSTALLED) $(SEED_MODEL_BUNDLE)/model.json $(SEED_RECIPE_PT)
 	$(PYTHON) -m bench.load_rounds --recipe-model $(SEED_RECIPE_PT) --bundle $(SEED_MODEL_BUNDLE) $(ROUNDS_ARGS)
 
 # One server after the other under the same load (bench.load), for the bundled model or another bundle.

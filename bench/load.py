@@ -9,16 +9,19 @@ Closed loop: ``concurrency`` clients, each sending its next request as soon as t
 evenly spaced) whatever the server's state, for ``duration``; latency counts from the scheduled arrival, so a
 client falling behind is charged to the latency rather than hidden (no coordinated omission).
 
-Each run reports requests, throughput of expected answers (req/s), p50/p95/p99 latency of those answers, answers
-by status and connection errors by type, and, where the target exports ``/metrics`` (the service does, peers do
-not), the delta of its ``detector_batch_size`` histogram over the run. Payloads are POSTed as multipart field
+Each run reports requests, throughput of expected answers (req/s), p50/p90/p95/p99 latency of those answers,
+answers by status and connection errors by type, and, where the target exports ``/metrics`` (the service does, peers
+do not), the delta of its ``detector_batch_size`` histogram over the run. Payloads are POSTed as multipart field
 ``file`` (pre-encoded once, so the client spends little CPU): the photos ultralytics ships (``bus.jpg``,
 ``zidane.jpg``) and/or synthetic test samples of :mod:`model.synthetic` as JPEG. Loopback targets only.
+:func:`oip_payload` turns a photo into an Open Inference Protocol request instead (``POST /v2/models/NAME/infer``,
+the binary tensor data extension, as tritonclient sends it), for the service's ``/v2`` door and Triton alike.
 
 ``--start`` runs the target itself (e.g. ``--start ".venv/bin/python -m service --port 8000"``), waits for
 ``--ready-path`` to answer 200, and stops it (SIGTERM to its process group) afterwards.
 
-Importable: :class:`Payload`, :func:`closed_loop`, :func:`open_loop`, :class:`RunResult`, :func:`serving`.
+Importable: :class:`Payload`, :func:`oip_payload`, :func:`closed_loop`, :func:`open_loop`, :class:`RunResult`,
+:func:`serving`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import contextlib
 import importlib.util
 import io
 import itertools
+import json
 import random
 import shlex
+import struct
 import subprocess
 import tempfile
 import time
@@ -68,7 +73,8 @@ def require_loopback(url: str) -> None:
 class Payload:
     """One request body and what the server should answer to it.
 
-    ``field`` names the multipart field the bytes go in; ``None`` sends them as the raw body with ``content_type``.
+    ``field`` names the multipart field the bytes go in; ``None`` sends them as the raw body with ``content_type``
+    and ``headers``.
     """
 
     name: str
@@ -76,12 +82,13 @@ class Payload:
     content_type: str = "image/jpeg"
     field: str | None = "file"
     expected_statuses: frozenset[int] = frozenset({200})
+    headers: tuple[tuple[str, str], ...] = ()  # more headers of a raw body (the OIP header length)
 
     @cached_property
     def encoded(self) -> tuple[bytes, dict[str, str]]:
         """(body, headers), encoded once: multipart encoding per request would cost the client CPU it shares."""
         if self.field is None:
-            return self.body, {"content-type": self.content_type}
+            return self.body, {"content-type": self.content_type, **dict(self.headers)}
         boundary = uuid.uuid4().hex
         head = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="{self.field}"; filename="{self.name}"\r\n'
@@ -89,6 +96,35 @@ class Payload:
         ).encode()
         body = head + self.body + f"\r\n--{boundary}--\r\n".encode()
         return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+OIP_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")  # service/doors/oip.py's, in its order
+
+
+def oip_payload(image: Payload, shape: Sequence[int] = (1,)) -> Payload:
+    """``image``'s file as an Open Inference Protocol request, as tritonclient's HTTP client sends it with
+    ``binary_data=True``: one input ``IMAGE`` (``BYTES`` of ``shape``, one element: a 4-byte little-endian length, then
+    the file) after the JSON header (``Inference-Header-Content-Length``), the four outputs asked for as binary.
+
+    ``shape`` is ``[1]`` for the service (its input is ``[B]``) and ``[1, 1]`` for a Triton model that batches (the
+    batch dimension, then the declared ``[1]``): the header differs by those characters, the data not at all.
+    """
+    data = struct.pack("<I", len(image.body)) + image.body
+    header = {
+        "inputs": [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": list(shape), "parameters": {"binary_data_size": len(data)}}
+        ],
+        "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in OIP_OUTPUTS],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return Payload(
+        image.name,
+        head + data,
+        content_type="application/octet-stream",
+        field=None,
+        expected_statuses=image.expected_statuses,
+        headers=(("Inference-Header-Content-Length", str(len(head))),),
+    )
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
@@ -198,7 +234,7 @@ class RunResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures; ``ok`` and ``throughput_rps`` count answers with an expected status."""
         latencies = np.asarray(self.latencies_ms)
-        percentiles = np.percentile(latencies, [50, 95, 99]).round(1).tolist() if len(latencies) else [None] * 3
+        percentiles = np.percentile(latencies, [50, 90, 95, 99]).round(1).tolist() if len(latencies) else [None] * 4
         batches = self.batch_sizes
         return {
             "mode": self.mode,
@@ -207,7 +243,7 @@ class RunResult:
             "ok": len(latencies),
             "elapsed_s": round(self.elapsed_s, 3),
             "throughput_rps": round(len(latencies) / self.elapsed_s, 2) if self.elapsed_s else 0.0,
-            **dict(zip(("p50_ms", "p95_ms", "p99_ms"), percentiles, strict=True)),
+            **dict(zip(("p50_ms", "p90_ms", "p95_ms", "p99_ms"), percentiles, strict=True)),
             "statuses": {str(status): n for status, n in sorted(self.statuses.items())},
             "unexpected": dict(self.unexpected),
             "connection_errors": dict(self.connection_errors),
