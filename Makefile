@@ -140,8 +140,9 @@ load-trio:
 soak: $(INSTALLED)
 	$(PYTHON) -m bench.soak --minutes 10 --swap-interval 60
 
-# On a machine with a CUDA GPU, a few minutes: the CUDA tests, then the layer and model benchmarks at fp16 up to
-# batch 64 (results in bench/results/*-cuda.json; record them with the card's name in bench/README.md).
+# On a machine with a CUDA GPU, a few minutes: the CUDA tests, the layer and model benchmarks at fp16 up to batch 64,
+# then the service itself (fp16, the bundled n at 640) under 64 concurrent clients (results in bench/results/*-cuda.json
+# and load-gpu-n640.json; record them with the card's name in bench/README.md).
 gpu-check: $(BENCH_INSTALLED)
 	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 	$(PYTHON) -m pytest -m gpu -q -p no:cacheprovider
@@ -149,6 +150,8 @@ gpu-check: $(BENCH_INSTALLED)
 	$(PYTHON) -m bench.model --device cuda --batches 1,8,32,64 --variants eager,compiled --warmup 3 --repeats 10
 	$(PYTHON) -m bench.model --config yolov10s-akconv --size 640 --device cuda --batches 1,8,32,64 --variants eager \
 		--warmup 3 --repeats 10
+	$(PYTHON) -m bench.load --name gpu-n640 --concurrency 16,64 --duration 20 --payloads all \
+		--start "$(PYTHON) -m service --port 8000 --device cuda --input-size 640 --max-batch-size 32 --max-batch-wait-ms 2"
 
 evaluate: $(INSTALLED)
 	$(PYTHON) -m model evaluate --count 500 --size 320

@@ -19,8 +19,8 @@ from service.core.images import letterbox_shape
 Shape = tuple[int, int]  # model-input (height, width), pixels
 Timings = dict[Shape, dict[int, float]]  # shape -> batch size -> seconds of one forward
 
-# Photos users send: square, 4:3 and 16:9, landscape and portrait.
-COMMON_ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16))
+# Photos users send: square, 4:3 (phones), 3:2 (cameras) and 16:9 (video), landscape and portrait.
+COMMON_ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 # Measuring a shape stops after this many sizes in a row that do not raise throughput: on a CPU, where larger
 # batches keep losing, warm-up stays short; where they keep winning (a GPU), every size is measured.
 LOSING_SIZES_TO_STOP = 2

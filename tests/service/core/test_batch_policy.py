@@ -86,4 +86,4 @@ def test_zero_rounds_runs_nothing():
 
 
 def test_served_shapes_are_the_square_and_the_common_photo_shapes():
-    assert served_shapes(640) == [(640, 640), (480, 640), (640, 480), (384, 640), (640, 384)]
+    assert served_shapes(640) == [(640, 640), (480, 640), (640, 480), (448, 640), (640, 448), (384, 640), (640, 384)]
