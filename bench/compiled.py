@@ -1,7 +1,8 @@
-"""Compiled forwards side by side with eager: ``torch.compile``, AOTInductor and OpenVINO, each with a dynamic batch.
+"""Compiled forwards side by side with eager: ``torch.compile``, AOTInductor, OpenVINO and OpenVINO int8, each with
+a dynamic batch.
 
     python -m bench.compiled [--model BUNDLE_DIR | --config yolov10s-akconv] [--size N]
-        [--contenders eager,compile,aoti,openvino] [--rounds 10] [--threads N] [--cache-dir DIR] [--max-batch 8]
+        [--contenders eager,compile,aoti,openvino,int8] [--rounds 10] [--threads N] [--cache-dir DIR] [--max-batch 8]
 
 Contenders, each in front of the model as the service runs it (``bench.model.as_served``: fused, channels-last,
 float32, CPU), each called as ``Engine.infer`` calls the model (uint8 batch converted to float inside the call):
@@ -9,21 +10,23 @@ float32, CPU), each called as ``Engine.infer`` calls the model (uint8 batch conv
 - ``eager``: the detector itself;
 - ``compile``: ``torch.compile`` (inductor, default mode) with the batch dimension marked dynamic
   (``maybe_mark_dynamic``: batch 1 still gets its own graph); compiled at its first calls;
-- ``aoti``: ``model.compiled.build``: ``torch.export`` with a dynamic batch (1..``--max-batch``), then
-  ``torch._inductor.aoti_compile_and_package``, one package per input shape, then loaded (what the service runs
-  with the opt-in compiled model);
-- ``openvino``: the same export converted by ``openvino.convert_model`` and saved as IR, one per shape, then read
-  and compiled by OpenVINO's CPU plugin (its ``EmbeddingBagOffsets`` takes static shapes only: the graph reads
-  AKConv's corners with a ``Gather`` instead, :func:`gather_corners`).
+- ``aoti``, ``openvino``, ``int8``: the service's runtimes ``aotinductor``, ``openvino`` and ``int8``, each through
+  ``model.compiled.compiled_detector`` as the service loads them (built first with ``build_missing``, then loaded
+  again, probed against eager): ``torch.export`` with a dynamic batch (1..``--max-batch``), then
+  ``torch._inductor.aoti_compile_and_package``, one package per input shape; the same export converted to an
+  OpenVINO IR (``model.openvino_ir``), compiled by OpenVINO's CPU plugin at load; that IR quantized to int8 by NNCF
+  and gated on held-out accuracy (``model.quantize``: the bundled classes only, its synthetic splits; the gate's
+  record of each shape is kept in the result file).
 
 Inputs: ``bus.jpg`` and ``zidane.jpg`` (ultralytics' assets) decoded and letterboxed as the service does
 (``service.core.images``), which gives two input shapes (3:4 and 16:9 at the model's size), and a held-out synthetic
 sample centre-cropped to each aspect (``bench.letterbox_accuracy.crop``): the photos, at batch 1, and each photo
-with its synthetic twin, at batch 2. For each contender: the time to compile or convert (all shapes; ``cached`` when
-``--cache-dir`` already held the artefact), the time to load the saved artefacts (``compile``: a second compile
-after ``torch._dynamo.reset()``, from inductor's on-disk cache), the max |Δ| of the top rows vs eager (matched to
-the nearest row, ``model.compiled.top_rows_difference``), and whether the detections (eager's rows above conf 0.25)
-each have a row within 1e-3 and the counts agree.
+with its synthetic twin, at batch 2. For each contender: the time to compile or convert (all shapes; int8: with its
+calibration and gate; ``cached`` when ``--cache-dir`` already held the artefacts), the time to load the saved
+artefacts and probe them (``compile``: a second compile after ``torch._dynamo.reset()``, from inductor's on-disk
+cache), the max |Δ| of the top rows vs eager (matched to the nearest row, ``model.compiled.top_rows_difference``),
+and whether the detections (eager's rows above conf 0.25) each have a row within 1e-3 and the counts agree (int8's
+rows differ from eager's by design: its accuracy is its gate's held-out mAP50-95, also reported).
 
 Timing: ``--rounds`` rounds; each round times one call of every contender at each (shape, batch), the contenders'
 order rotated by one each round, so a machine whose speed drifts (or is shared) disturbs all alike. Reported per
@@ -48,22 +51,12 @@ from bench.common import print_table, write_results
 from bench.letterbox_accuracy import crop
 from bench.model import Forward, add_model_source, as_served, model_from, torch_forward
 from model.build import Detector
-from model.compiled import (
-    CompiledDetector,
-    Runner,
-    Shape,
-    artefact_key,
-    build,
-    export,
-    load_runner,
-    package_path,
-    top_rows_difference,
-    weights_sha256,
-)
+from model.compiled import Shape, compiled_detector, top_rows_difference
 from model.synthetic import SPLITS, render
 from service.core.images import Decoded, decode, letterbox
 
-CONTENDERS = ("eager", "compile", "aoti", "openvino")
+CONTENDERS = ("eager", "compile", "aoti", "openvino", "int8")
+RUNTIMES = {"aoti": "aotinductor", "openvino": "openvino", "int8": "int8"}  # contender -> model.compiled runtime
 PHOTOS = ("bus.jpg", "zidane.jpg")
 ASPECTS = {"bus.jpg": (3, 4), "zidane.jpg": (16, 9)}  # the photos' own aspects (810 × 1080, 1280 × 720)
 CONF = 0.25
@@ -111,86 +104,22 @@ def compile_contender(eager: Detector) -> Forward:
     return torch_forward(call, torch.device("cpu"), torch.float32)
 
 
-CORNERS = 4  # reads per AKConv sample (model.akconv.corner_reads)
-
-
-def gather_corners(ov_model: object) -> None:
-    """Replace each ``EmbeddingBagOffsets`` of an OpenVINO model by Gather → × weight → sum over each bag of 4.
-
-    OpenVINO's CPU plugin compiles ``EmbeddingBagOffsets`` (AKConv's inference gather) for static shapes only; the
-    bags always hold the four corner reads of one sample (``model.akconv.corner_reads``), so the bag sum is a
-    reshape and a ReduceSum, which take a dynamic batch.
-    """
-    import openvino.opset13 as ops
-
-    for node in ov_model.get_ordered_ops():
-        if not node.get_type_name().startswith("EmbeddingBagOffsets"):
-            continue
-        inputs = [source.get_source_output() for source in node.inputs()]
-        table, index, weight = inputs[0], inputs[1], inputs[-1]  # (P, C), (M·4,), (M·4,)
-        channels = table.get_partial_shape()[1].get_length()
-        rows = ops.gather(table, index, ops.constant(np.int64(0)))  # (M·4, C)
-        rows = ops.multiply(rows, ops.unsqueeze(weight, ops.constant(np.int64(1))))
-        rows = ops.reshape(rows, ops.constant(np.array([-1, CORNERS, channels], dtype=np.int64)), False)  # (M, 4, C)
-        node.output(0).replace(ops.reduce_sum(rows, ops.constant(np.int64(1)), False).output(0))  # (M, C)
-    ov_model.validate_nodes_and_infer_types()
-
-
-def openvino_ir(eager: Detector, shape: Shape, max_batch: int, cache_dir: Path) -> Path:
-    """OpenVINO IR of ``eager`` at ``shape``, batch 1..``max_batch`` (``model.compiled.export``), in ``cache_dir``."""
-    import openvino
-
-    compiler = f"openvino {openvino.get_version()} torch {torch.__version__}"
-    path = cache_dir / f"{artefact_key(weights_sha256(eager), shape, max_batch, compiler)}.xml"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        ov_model = openvino.convert_model(export(eager, shape, max_batch).run_decompositions())
-        gather_corners(ov_model)
-        ov_model.reshape({ov_model.inputs[0]: openvino.PartialShape([openvino.Dimension(1, max_batch), 3, *shape])})
-        openvino.save_model(ov_model, str(path), compress_to_fp16=False)  # fp16 weights would move rows by ~1e-2
-    return path
-
-
-def openvino_runner(path: Path, threads: int) -> Runner:
-    import openvino
-
-    core = openvino.Core()
-    config = {
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",  # one stream: one batch at a time, all threads on it
-        "INFERENCE_PRECISION_HINT": "f32",  # else bf16 on CPUs that have it
-    }
-    request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(request.infer({0: images.contiguous().numpy()})[0].copy())  # its buffer is reused
-
-    return run
-
-
 def artefact_contender(
     eager: Detector, contender: str, shapes: list[Shape], max_batch: int, cache_dir: Path, threads: int
-) -> tuple[Forward, float | None, float]:
-    """(forward, seconds to build the artefacts missing from ``cache_dir`` or None when none was, seconds to load)."""
-    build_s, load_s, runners, built = 0.0, 0.0, {}, False
-    for shape in shapes:
-        started = time.perf_counter()
-        if contender == "aoti":
-            path = package_path(eager, shape, max_batch, cache_dir)
-            state = "cached" if path.exists() else "built"
-            if state == "built":
-                build(eager, shape, max_batch, cache_dir)
-        else:
-            state = "cached" if any(cache_dir.glob(f"openvino-{shape[0]}x{shape[1]}-b{max_batch}-*.xml")) else "built"
-            path = openvino_ir(eager, shape, max_batch, cache_dir)
-        if state == "built":
-            build_s, built = build_s + time.perf_counter() - started, True
-        started = time.perf_counter()
-        runners[shape] = load_runner(path) if contender == "aoti" else openvino_runner(path, threads)
-        load_s += time.perf_counter() - started
-        print(f"  {contender} {shape[0]}x{shape[1]}: {state} {path}", flush=True)
-    detector = CompiledDetector(eager, runners, max_batch)
-    return torch_forward(detector, torch.device("cpu"), torch.float32), (build_s if built else None), load_s
+) -> tuple[Forward, float | None, float, dict | None]:
+    """(forward, seconds to build the artefacts missing from ``cache_dir`` or None when none was, seconds to load and
+    probe them, int8's accuracy records or None), through ``compiled_detector`` as the service loads them."""
+    runtime = RUNTIMES[contender]
+    built = compiled_detector(eager, shapes, max_batch, cache_dir, runtime=runtime, threads=threads, build_missing=True)
+    for shape, state in built.status.items():
+        print(f"  {contender} {shape[0]}x{shape[1]}: {state}", flush=True)
+    if failed := {shape: state for shape, state in built.status.items() if state.startswith("eager")}:
+        raise RuntimeError(f"{runtime} did not serve {failed}")
+    build_s = built.seconds if "built" in built.status.values() else None
+    del built
+    loaded = compiled_detector(eager, shapes, max_batch, cache_dir, runtime=runtime, threads=threads)
+    forward = torch_forward(loaded.detector, torch.device("cpu"), torch.float32)
+    return forward, build_s, loaded.seconds, loaded.accuracy
 
 
 def load_average() -> str:
@@ -252,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
                     forwards[contender](batch)
                 setup[contender] = {"compile_s": round(compile_s, 1), "load_s": round(time.perf_counter() - started, 1)}
             else:
-                forward, build_s, load_s = artefact_contender(
+                forward, build_s, load_s, accuracy = artefact_contender(
                     eager, contender, shapes, args.max_batch, cache_dir, threads
                 )
                 forwards[contender] = forward
                 setup[contender] = {
                     "compile_s": "cached" if build_s is None else round(build_s, 1),
                     "load_s": round(load_s, 1),
+                    **({"accuracy": accuracy} if accuracy is not None else {}),
                 }
         except Exception as error:  # a contender that cannot be built is reported, the others still run
             print(f"{contender}: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
@@ -322,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
                 "load_s": done.get("load_s", ""),
                 "top_rows_max_abs_diff": f"{check['top_rows_max_abs_diff']:.1e}" if check else "",
                 "detections_agree": f"{check['detections_agree']} ({check['detections_compared']})" if check else "",
+                "held_out_mAP50-95": "; ".join(
+                    f"{shape}: {record['fp32_mAP50-95']} -> {record['int8_mAP50-95']}"
+                    for shape, record in done.get("accuracy", {}).items()
+                ),
             }
         )
     print_table(summary)

@@ -127,12 +127,21 @@ def per_photo_medians(timings: list[float], photos: int) -> list[float]:
     return [statistics.median(timings[index::photos]) for index in range(photos)]
 
 
+def relative(latencies: list[float], forward_ms: list[float]) -> list[float]:
+    """Each latency over the forward's median of its photo (the photos were sent in turn)."""
+    return [latency / forward_ms[index % len(forward_ms)] for index, latency in enumerate(latencies)]
+
+
+def relative_p99(latencies: list[float], forward_ms: list[float]) -> float:
+    """The p99 of :func:`relative`: of the forward's own timings, the floor's tail."""
+    return round(float(np.percentile(relative(latencies, forward_ms), 99)), 2)
+
+
 def c1_row(
     round_: int, variant: str, route: str, latencies: list[float], forward_ms: list[float], cpu: dict[str, float]
 ) -> dict[str, Any]:
     """Latency percentiles, and those of latency / the forward's median of the same photo (``forward_ms``)."""
-    relative = [latency / forward_ms[index % len(forward_ms)] for index, latency in enumerate(latencies)]
-    p50, p99 = np.percentile(relative, [50, 99])
+    p50, p99 = np.percentile(relative(latencies, forward_ms), [50, 99])
     return {
         "round": round_,
         "variant": variant,
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                         "round": round_,
                         "before": variant.name,
                         **percentiles(forward),
+                        "p99_x_median": relative_p99(forward, forward_ms),
                         **{f"{photo.name}_ms": round(ms, 1) for photo, ms in zip(photos, forward_ms, strict=True)},
                     }
                 )

@@ -23,8 +23,9 @@ from ultralytics.utils.metrics import ap_per_class
 from model.build import fuse_for_inference
 from model.checkpoint import load
 from model.evaluate import match_detections
+from model.letterbox import PAD_VALUE
 from model.synthetic import MIN_INSIDE_FRACTION, SPLITS, render
-from service.core.images import PAD_VALUE, Decoded, Letterbox, letterbox, unletterbox_boxes
+from service.core.images import Decoded, Letterbox, letterbox, unletterbox_boxes
 
 
 def crop(image: np.ndarray, truth: np.ndarray, aspect: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@
         [--concurrency 1,4,16]
         [--servers service,service-oip,recipe-user,litserve-recipe,plain-fastapi,litserve,triton]
         [--triton-queue-delays 5000] [--triton-python .venv-triton/bin/python] [--max-requests 2000] [--name s640]
+        [--compiled-dir DIR]
 
 Every server is started first and stays up (each in its own process group, on its own loopback port). Then each
 round runs every concurrency level, and at each level every contender for ``duration`` seconds (closed loop, see
@@ -15,6 +16,9 @@ Contenders (``--servers`` picks some; ``service`` always runs, the baseline):
 
 - ``service``: this project on the seed-recipe checkpoint (``python -m service --model-path BEST.pt``), ``POST
   /detect`` (multipart);
+- ``service-aotinductor``, ``service-openvino``, ``service-int8``: the service on the same checkpoint with that
+  ``runtime`` (README "Performance"), its artefacts built ahead by ``python -m model compile --runtime R`` into
+  ``--compiled-dir``, on ``/detect``; compared with the peers as ``service`` is;
 - ``service-oip``: the same process, loaded on its Open Inference Protocol door instead (``POST
   /v2/models/NAME/infer``, binary tensor data extension: :func:`bench.load.oip_payload`), as Triton is;
 - ``recipe-user``: :mod:`bench.peers.recipe_user`, what a recipe user writes, on the same checkpoint;
@@ -57,6 +61,7 @@ from bench.processes import free_port, running_process
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the peers run as ``-m bench.peers...``: importable from here
 BASELINE = "service"
 SERVICE_OIP = "service-oip"
+SERVICE_RUNTIMES = ("aotinductor", "openvino", "int8")  # each a contender service-RUNTIME
 TRITON = "triton"
 TRITON_PYTHON = REPO_ROOT / ".venv-triton" / "bin" / "python"  # make triton-venv
 TRITON_MODEL_NAME = "yolov10-akconv"
@@ -116,12 +121,19 @@ def server_commands(
     python: str = sys.executable,
     triton_python: str = str(TRITON_PYTHON),
     triton_queue_delays_us: Sequence[int] = (5000,),
+    compiled_dir: Path | None = None,
 ) -> dict[str, tuple[list[str], str]]:
     """Name -> (command without ``--port``, readiness path) for every server this tool knows."""
     triton = [triton_python, "-m", "bench.peers.triton_peer", "--model", str(recipe_model)]
     triton += ["--model-name", TRITON_MODEL_NAME]
+    service = [python, "-m", "service", "--model-path", str(recipe_model)]
+    artefacts = ["--compiled-dir", str(compiled_dir)] if compiled_dir else []
     return {
-        "service": ([python, "-m", "service", "--model-path", str(recipe_model)], "/readyz"),
+        "service": (service, "/readyz"),
+        **{
+            f"service-{runtime}": ([*service, "--runtime", runtime, *artefacts], "/readyz")
+            for runtime in SERVICE_RUNTIMES
+        },
         "recipe-user": ([python, "-m", "bench.peers.recipe_user", "--model", str(recipe_model)], "/health"),
         "litserve-recipe": (
             [python, "-m", "bench.peers.litserve_server", "--recipe", "--model", str(recipe_model)],
@@ -208,9 +220,13 @@ def photo_payloads() -> list[Payload]:
 
 
 def all_ratios(rows: Sequence[dict[str, Any]], contender_names: Sequence[str]) -> list[dict[str, Any]]:
-    """service/peer for every peer; with ``service-oip`` and Triton, also service-oip/Triton (the same requests)."""
+    """service/peer for every peer; with ``service-oip`` and Triton, also service-oip/Triton (the same requests); each
+    ``service-RUNTIME`` over the peers that are not the service's."""
     ratios = median_ratios(rows)
     tritons = [name for name in contender_names if name.startswith(TRITON)]
+    peers = [name for name in contender_names if not name.startswith(BASELINE)]
+    for runtime in (name for name in contender_names if name.removeprefix("service-") in SERVICE_RUNTIMES):
+        ratios += median_ratios(rows, runtime, peers)
     if SERVICE_OIP in contender_names and tritons:
         ratios += median_ratios(rows, SERVICE_OIP, tritons)
     return ratios
@@ -325,13 +341,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=2000, help="a run stops after this many requests")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs, for queues to drain")
     parser.add_argument("--name", default="s640", help="results go to bench/results/load-rounds-NAME.json")
+    parser.add_argument("--compiled-dir", type=Path, default=None, help="the service-RUNTIME contenders' artefacts")
     args = parser.parse_args(argv)
     delays = [int(delay) for delay in args.triton_queue_delays.split(",") if delay.strip()]
     if not delays or len(set(delays)) < len(delays):
         parser.error("--triton-queue-delays: one or more distinct delays in microseconds")
     tritons = triton_names(delays)
     commands = server_commands(
-        args.recipe_model, args.bundle, triton_python=str(args.triton_python), triton_queue_delays_us=delays
+        args.recipe_model,
+        args.bundle,
+        triton_python=str(args.triton_python),
+        triton_queue_delays_us=delays,
+        compiled_dir=args.compiled_dir,
     )
     known = [name for name in commands if name not in tritons] + [SERVICE_OIP, TRITON]
     names = [name for name in args.servers.split(",") if name]

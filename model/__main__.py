@@ -10,10 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` no smaller than ``minimum``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
 
 
 def _override(item: str) -> tuple[str, object]:
@@ -100,19 +116,45 @@ def main(argv: list[str] | None = None) -> None:
     compile_ = commands.add_parser(
         "compile",
         formatter_class=_ShowDefaults,
-        help="build the AOTInductor packages of a model that the service's compiled model loads (model/compiled.py)",
+        help="build the compiled artefacts of a model that the service's runtime setting loads (model/compiled.py)",
     )
     compile_.add_argument("model", nargs="?", default=None, help="bundle or .pt (default: the bundled model)")
+    compile_.add_argument(
+        "--runtime", choices=["aotinductor", "openvino", "int8"], default="aotinductor",
+        help="aotinductor (torch), openvino or int8 (OpenVINO quantized by NNCF, gated on held-out accuracy; both "
+        "need pip install 'akconv-detector[openvino]')",
+    )  # fmt: skip
     compile_.add_argument("--cache-dir", type=Path, default=None, help="default: model.compiled.DEFAULT_CACHE_DIR")
     compile_.add_argument(
         "--size", type=int, default=None, help="the service's input_size (default: the model's input size)"
     )
     compile_.add_argument(
         "--shapes", default=None,
-        help="input shapes HxW, comma-separated (default: the square --size x --size); the service's warm-up shapes "
-        "are in its start log and GET /v1/model (batch_policy), e.g. 640x640,480x640,640x480,384x640,640x384 at 640",
+        help="input shapes HxW, comma-separated (default: the shapes the service serves compiled at --size, "
+        "model.letterbox.common_shapes: square, 4:3, 3:2 and 16:9 both ways; 7 at 640, 640x640 ... 640x384)",
     )  # fmt: skip
-    compile_.add_argument("--max-batch", type=int, default=8, help="the service's max_batch_size")
+    compile_.add_argument("--max-batch", type=_at_least(1), default=8, help="the service's max_batch_size")
+    compile_.add_argument(
+        "--threads", type=_at_least(1), default=None,
+        help="OpenVINO's threads while building (default: torch's thread count)",
+    )  # fmt: skip
+    compile_.add_argument(
+        "--calibration", type=Path, default=None, metavar="DIR",
+        help="int8: a folder of images like those the model will serve (default: synthetic train seeds, for a model "
+        "of the synthetic classes only)",
+    )  # fmt: skip
+    compile_.add_argument(
+        "--held-out", type=Path, default=None, metavar="DIR",
+        help="int8: labelled images never trained on, YOLO format (DIR/images, DIR/labels), for the accuracy gate "
+        "(default: synthetic test seeds, for a model of the synthetic classes only)",
+    )  # fmt: skip
+    compile_.add_argument(
+        "--max-map-drop", type=_at_least(0.0, float), default=1.0,
+        help="int8: refuse the artefact if its held-out mAP50-95 is more than this many points (1.0 = 0.01) below "
+        "the float32 eager model's",
+    )  # fmt: skip
+    compile_.add_argument("--calibration-images", type=_at_least(1), default=128, help="int8: calibration images used")
+    compile_.add_argument("--held-out-images", type=_at_least(1), default=200, help="int8: held-out images scored")
 
     args = parser.parse_args(argv)
     from model.checkpoint import CheckpointError
@@ -183,27 +225,60 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _compile(args: argparse.Namespace) -> None:
-    """Build the missing package of each shape (those in the cache are loaded and probed), one line per shape."""
+    """Build the missing artefact of each shape (those in the cache are loaded and probed), one line per shape; for
+    int8 the accuracy record of each shape, also written into the bundle's ``model.json`` when MODEL is a bundle.
+    Exit 1 when a shape did not get a servable artefact (int8: the gate refused it), 2 when int8 has no data."""
     import torch
 
     from model.build import fuse_for_inference
     from model.checkpoint import load
     from model.compiled import DEFAULT_CACHE_DIR, compiled_detector
+    from model.quantize import Calibration, NoCalibrationData, class_names, describe, plan, record_in_bundle
 
     loaded = load(args.model)
     size = args.size or loaded.metadata.input_size
+    from model.letterbox import common_shapes
+
     if args.shapes:
         shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
     else:
-        shapes = [
-            (size, size)
-        ]  # the service's other shapes are its own (service/core/batch_policy.py): model/ imports none
+        shapes = common_shapes(size)  # what the service serves compiled: its warm-up shapes
     detector = fuse_for_inference(loaded.model).to(memory_format=torch.channels_last)
+    calibration = None
+    if args.runtime == "int8":
+        calibration = Calibration(
+            images_dir=args.calibration,
+            held_out_dir=args.held_out,
+            images=args.calibration_images,
+            held_out_images=args.held_out_images,
+            max_map_drop=args.max_map_drop,
+        )
+        try:
+            plan(class_names(detector), calibration)
+        except NoCalibrationData as error:
+            print(f"python -m model compile: {error}", file=sys.stderr)
+            sys.exit(2)
     cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
-    prepared = compiled_detector(detector, shapes, args.max_batch, cache_dir, build_missing=True)
+    prepared = compiled_detector(
+        detector,
+        shapes,
+        args.max_batch,
+        cache_dir,
+        runtime=args.runtime,
+        threads=args.threads or torch.get_num_threads(),
+        build_missing=True,
+        calibration=calibration,
+    )
     for shape, status in prepared.status.items():
         print(f"{shape[0]}x{shape[1]}: {status}")
-    print(f"packages of {loaded.metadata.name} in {cache_dir} ({prepared.seconds:.0f} s)")
+    for name, record in (prepared.accuracy or {}).items():
+        print(f"{name}: {describe(record)}")
+    if prepared.accuracy:
+        print(json.dumps(prepared.accuracy, indent=2))
+        if args.model is not None and Path(args.model).is_dir():
+            record_in_bundle(Path(args.model), prepared.accuracy)
+            print(f"accuracy recorded in {Path(args.model) / 'model.json'} (provenance.int8)")
+    print(f"{args.runtime} artefacts of {loaded.metadata.name} in {cache_dir} ({prepared.seconds:.0f} s)")
     if len(prepared.detector.runners) < len(shapes):
         sys.exit(1)
 

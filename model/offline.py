@@ -17,12 +17,21 @@ dir is new, as in a fresh container), which would break the JSON lines of the se
 here. So its messages below ERROR are dropped while it is imported (what ``YOLO_VERBOSE=false`` does to them), without
 setting ``YOLO_VERBOSE``: that would also silence its messages afterwards, the training progress of
 ``python -m model train`` among them, and a ``YOLO_VERBOSE`` the user set keeps its effect.
+
+OpenVINO and NNCF (the optional ``openvino`` extra, :mod:`model.openvino_ir`, :mod:`model.quantize`) send usage
+events to Google Analytics through ``openvino_telemetry`` unless a consent file under ``~/intel`` says no, and write a
+client id there (OpenVINO's converter at its import and at every conversion, nncf at import and at every
+quantization). Both import it inside
+``try``/``except ImportError`` and fall back to a stub, so :func:`configure` blocks that import
+(``sys.modules["openvino_telemetry"] = None``) before either is imported: no network, no files in the home directory.
+NNCF's own logger prints to stdout; :mod:`model.quantize` routes it to Python's logging when it imports nncf.
 """
 
 import contextlib
 import functools
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +66,12 @@ def errors_only(logger_name: str) -> Iterator[None]:
 
 @functools.cache
 def configure() -> None:
-    """Import ultralytics offline and undo its process-wide changes (see the module docstring). Runs once."""
+    """Import ultralytics offline and undo its process-wide changes, keep OpenVINO's and NNCF's telemetry off (see
+    the module docstring). Runs once."""
     import torch
     from PIL import Image
 
+    sys.modules.setdefault("openvino_telemetry", None)  # OpenVINO's and NNCF's telemetry: their stub instead
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_CONFIG_DIR"] = str(ULTRALYTICS_HOME)
     user_omp_threads = os.environ.get("OMP_NUM_THREADS")

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from model.checkpoint import CheckpointError
-from service.app import create_app
+from service.app import create_app, load_engine
 from service.core.engine import Engine
 from service.core.models import model_sources
 from service.process import tracing
@@ -77,7 +77,7 @@ def load_engines(settings: Settings) -> list[Engine]:
     engines = []
     for source in model_sources(settings):
         try:
-            engines.append(Engine(settings, source.path))
+            engines.append(load_engine(settings, source))
         except CheckpointError as error:
             log.debug("the model could not be loaded", exc_info=True)
             fail(error.exit_status, f"model {source.name}: {error}" if source.name else str(error))

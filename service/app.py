@@ -151,7 +151,7 @@ def create_app(
     """
     metrics = Metrics()
     state = ServiceState(settings=settings, metrics=metrics)
-    models = ModelRegistry.for_settings(settings, metrics, loader or (lambda source: _engine(settings, source)))
+    models = ModelRegistry.for_settings(settings, metrics, loader or (lambda source: load_engine(settings, source)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -245,5 +245,6 @@ def _describe(problem: dict[str, Any]) -> str:
     return f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid"))
 
 
-def _engine(settings: Settings, source: ModelSource) -> Engine:
-    return Engine(settings, source.path)
+def load_engine(settings: Settings, source: ModelSource) -> Engine:
+    """The :class:`Engine` of ``source`` on the runtime ``settings`` give it; at start-up and for each swap."""
+    return Engine(settings, source.path, settings.runtime_for(source.name))

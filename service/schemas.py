@@ -129,6 +129,11 @@ class ModelInfo(BaseModel):
         description="source (file and sha256, or config and starting weights), data, epochs, val_metrics, date, "
         "project_version, training details"
     )
+    runtime: dict[str, Any] = Field(
+        description="how the model runs: requested (the runtime setting: eager, aotinductor, openvino or int8), "
+        "shapes (per input shape HxW: loaded or built, i.e. the runtime's artefact runs it, or eager and why), and "
+        "accuracy (int8: the accuracy gate's record per shape, fp32 and int8 mAP50-95 on held-out data; else null)"
+    )
     batch_policy: dict[str, Any] = Field(
         description="batch sizes by input shape: source (measured at warm-up, or configured when warm-up rounds are "
         "0), max_batch_size, and per shape its allowed batch_sizes and the measured ms and images/s per batch size"

@@ -14,22 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.core.images import letterbox_shape
+from model.letterbox import Shape
 
-Shape = tuple[int, int]  # model-input (height, width), pixels
 Timings = dict[Shape, dict[int, float]]  # shape -> batch size -> seconds of one forward
 
-# Photos users send: square, 4:3 (phones), 3:2 (cameras) and 16:9 (video), landscape and portrait.
-COMMON_ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 # Measuring a shape stops after this many sizes in a row that do not raise throughput: on a CPU, where larger
 # batches keep losing, warm-up stays short; where they keep winning (a GPU), every size is measured.
 LOSING_SIZES_TO_STOP = 2
-
-
-def served_shapes(input_size: int) -> list[Shape]:
-    """The input shapes measured at warm-up: the letterboxed shape of each of :data:`COMMON_ASPECTS`, distinct."""
-    shapes = [letterbox_shape(width, height, input_size) for width, height in COMMON_ASPECTS]
-    return list(dict.fromkeys(shapes))
 
 
 def measure(

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from model import Detector, akconv_layers, fuse_for_inference, load
 from model.checkpoint import ModelMetadata
-from model.compiled import CompiledDetector, compiled_detector
-from service.core.batch_policy import Shape, Timings, measure, served_shapes
+from model.compiled import DEFAULT_CACHE_DIR, CompiledDetector, compiled_detector
+from model.letterbox import Shape, common_shapes
+from service.core.batch_policy import Timings, measure
 from service.core.images import Letterbox, unletterbox_boxes
-from service.process.settings import Settings
+from service.process.settings import Runtime, Settings
 from service.schemas import Detection
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ class EngineProtocol(Protocol):
 
     @property
     def akconv_layers(self) -> int: ...
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """How the model runs: ``requested`` (the ``runtime`` setting for it), per input shape what runs it
+        (``shapes``: ``loaded``, ``built`` or ``eager: <why>``), and for int8 the accuracy gate's records
+        (``accuracy``, by shape; None otherwise)."""
 
     @property
     def parameters(self) -> int: ...
@@ -128,13 +135,23 @@ def detections_from_rows(
     ]
 
 
-def compiled(detector: Detector, shapes: list[Shape], settings: Settings) -> CompiledDetector:
-    """``detector`` with the AOTInductor packages of ``shapes`` in ``settings.compiled_dir`` in front of it
-    (``model/compiled.py``); a shape without a usable package runs eager, with a warning saying why."""
-    prepared = compiled_detector(detector, shapes, settings.max_batch_size, settings.compiled_dir)
+def compiled(
+    detector: Detector, shapes: list[Shape], settings: Settings, runtime: Runtime
+) -> tuple[CompiledDetector, dict[str, Any]]:
+    """``detector`` with the ``runtime``'s artefacts of ``shapes`` from ``settings.compiled_dir`` in front of it
+    (``model/compiled.py``), and the :attr:`EngineProtocol.runtime` description; a shape without a usable artefact
+    runs eager, with a warning saying why."""
+    prepared = compiled_detector(
+        detector,
+        shapes,
+        settings.max_batch_size,
+        settings.compiled_dir or DEFAULT_CACHE_DIR,
+        runtime=runtime,
+        threads=torch.get_num_threads(),
+    )
     status = {f"{height}x{width}": state for (height, width), state in prepared.status.items()}
-    log.info("compiled model", extra={"shapes": status, "seconds": round(prepared.seconds, 1)})
-    return prepared.detector
+    log.info("compiled model", extra={"runtime": runtime, "shapes": status, "seconds": round(prepared.seconds, 1)})
+    return prepared.detector, {"requested": runtime, "shapes": status, "accuracy": prepared.accuracy}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,8 +167,9 @@ class Engine:
     """The :class:`EngineProtocol` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on
     CUDA)."""
 
-    def __init__(self, settings: Settings, path: Path | None) -> None:
-        """The model at ``path`` (None: the bundled model) as ``settings`` say to run it.
+    def __init__(self, settings: Settings, path: Path | None, runtime: Runtime = "eager") -> None:
+        """The model at ``path`` (None: the bundled model) as ``settings`` say to run it, on ``runtime`` (the
+        setting's value for this model: :meth:`Settings.runtime_for`).
 
         Raises: ``model.checkpoint.CheckpointError`` (one of its kinds) when the model file cannot be used.
         """
@@ -171,8 +189,14 @@ class Engine:
             self.torch_device, self.torch_dtype
         )
         self.detector = self.detector.to(memory_format=torch.channels_last)
-        if settings.compiled_dir is not None:
-            self.detector = compiled(self.detector, served_shapes(self.input_size), settings)
+        shapes = common_shapes(self.input_size)
+        self.runtime: dict[str, Any] = {
+            "requested": runtime,
+            "shapes": {f"{height}x{width}": "eager" for height, width in shapes},
+            "accuracy": None,
+        }
+        if runtime != "eager":
+            self.detector, self.runtime = compiled(self.detector, shapes, settings, runtime)
 
     @property
     def name(self) -> str:

@@ -1,8 +1,8 @@
 """Image decoding and letterboxing: pure functions, no web framework, no model.
 
 ``decode`` turns uploaded bytes into an upright RGB uint8 array (for the model, a JPEG at a reduced scale);
-``letterbox`` fits it into the model input the way ultralytics' predict does (aspect kept, centred, grey 114
-padding, only as much padding as makes each side a multiple of the stride: 640 × 480 for a 4:3 photo at 640);
+``letterbox`` fits it into the model input the way ultralytics' predict does (:mod:`model.letterbox`: aspect kept,
+centred, grey 114 padding, only as much as makes each side a multiple of the stride: 640 × 480 for a 4:3 photo at 640);
 ``unletterbox_boxes`` maps boxes back. The letterboxed shape is the image's batch bucket: images of one shape
 batch together.
 """
@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.letterbox import fit_scale, fitted_size, letterbox_shape, pad
 from service.core.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType, shown
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
-PAD_VALUE = 114  # ultralytics' letterbox grey, what the model saw in training
-STRIDE = 32  # the model's largest stride: each side of its input is a multiple of it
 ORIENTATION_TAG = 0x0112  # EXIF
 
 Image.MAX_IMAGE_PIXELS = None  # the service checks its own pixel limit before decoding; see decode()
@@ -140,24 +139,6 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))
 
 
-def fit_scale(width: int, height: int, size: int) -> float:
-    """The factor that fits ``width`` × ``height`` into ``size`` × ``size``, aspect kept."""
-    return min(size / height, size / width)
-
-
-def letterbox_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """The model-input (height, width), pixels, for a ``width`` × ``height`` image at input ``size``: the image
-    resized to fit ``size`` × ``size``, each side then padded up to a multiple of :data:`STRIDE` (ultralytics'
-    ``LetterBox(auto=True)``). 1280 × 720 at 640 -> (384, 640); 810 × 1080 -> (640, 480)."""
-    new_w, new_h = _resized(width, height, size)
-    return new_h + (size - new_h) % STRIDE, new_w + (size - new_w) % STRIDE
-
-
-def _resized(width: int, height: int, size: int) -> tuple[int, int]:
-    scale = fit_scale(width, height, size)
-    return max(round(width * scale), 1), max(round(height * scale), 1)
-
-
 def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
     """Resize ``image`` to fit ``size``×``size`` keeping its aspect, pad centred with grey 114 to
     :func:`letterbox_shape`.
@@ -169,20 +150,13 @@ def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
         :class:`Letterbox` to map boxes back.
     """
     width, height = image.width, image.height
-    new_w, new_h = _resized(width, height, size)
-    out_h, out_w = letterbox_shape(width, height, size)
+    scale = fit_scale(width, height, size)
+    new_w, new_h = fitted_size(width, height, scale)
     pixels = image.pixels
     if pixels.shape[:2] != (new_h, new_w):
         pixels = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad_x, pad_y = (out_w - new_w) / 2, (out_h - new_h) / 2
-    left, top = round(pad_x - 0.1), round(pad_y - 0.1)  # ultralytics' rounding of odd padding
-    canvas = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = pixels
-    # (H, W, 3) -> (3, H, W) with numpy, not torch: a torch copy this size runs on an OpenMP pool of the calling
-    # (decode) thread, and any such pool slows the model's forward in the inference thread (bench/README.md,
-    # "In-service slowdown").
-    tensor = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))
-    return tensor, Letterbox(width, height, fit_scale(width, height, size), float(left), float(top))
+    canvas, left, top = pad(pixels, letterbox_shape(width, height, size))
+    return torch.from_numpy(canvas), Letterbox(width, height, scale, float(left), float(top))
 
 
 def unletterbox_boxes(boxes: np.ndarray, geometry: Letterbox) -> np.ndarray:

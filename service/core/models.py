@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from service.core.batch_policy import BatchPolicy, served_shapes
+from model.letterbox import common_shapes
+from service.core.batch_policy import BatchPolicy
 from service.core.batcher import BatchObserver, DynamicBatcher
 from service.core.engine import EngineProtocol
 from service.core.errors import ModelLoadFailed, ModelNotServed, shown
@@ -221,7 +222,7 @@ class ModelSlot:
     async def _start_version(self, engine: EngineProtocol) -> ServedVersion:
         """Check ``engine`` with one forward, measure its batch policy, start its batcher."""
         settings = self.settings
-        shapes = served_shapes(engine.input_size)
+        shapes = common_shapes(engine.input_size)
         await asyncio.to_thread(engine.verify, shapes[0])
         timings = await asyncio.to_thread(engine.warm_up, shapes, settings.max_batch_size, settings.warmup_rounds)
         policy = BatchPolicy(settings.max_batch_size, timings)

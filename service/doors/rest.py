@@ -247,6 +247,7 @@ async def model_info(model: ModelDep) -> ModelInfo:
         weights_sha256=engine.metadata.sha256(),
         checksum=engine.checksum,
         provenance=engine.metadata.provenance,
+        runtime=engine.runtime,
         batch_policy=live.policy.describe(),
     )
 

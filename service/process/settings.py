@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A served model's name goes into URLs (/v2/models/NAME) and metric labels.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# How a model runs on the CPU: PyTorch itself, or an artefact built ahead by ``python -m model compile --runtime``
+# (model.compiled.RUNTIMES; model/README.md, "Runtimes").
+Runtime = Literal["eager", "aotinductor", "openvino", "int8"]
 
 
 class Settings(BaseSettings):
@@ -83,10 +86,17 @@ class Settings(BaseSettings):
     max_decode_pixels: int = Field(
         100_000_000, ge=1, description="pixels of images waiting to decode or decoding (503 beyond)"
     )
+    runtime: Runtime | dict[str, Runtime] = Field(
+        "eager",
+        description="eager, aotinductor, openvino or int8 (OpenVINO int8 that passed its accuracy gate): run the "
+        "artefacts python -m model compile --runtime RUNTIME built in compiled_dir (CPU); a shape without a usable one "
+        'runs eager, with a log line. Per model, JSON: {"name": "int8", ...} (names of models; others run eager)',
+    )
     compiled_dir: Path | None = Field(
         None,
-        description="run the AOTInductor packages built by python -m model compile from this folder (CPU, fp32); "
-        "shapes without one run eager",
+        description="where python -m model compile put the runtime's artefacts; default: "
+        "~/.cache/akconv-detector/compiled. Artefacts are native code or model graphs: the folder must be as trusted "
+        "as the installation",
     )
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
@@ -149,7 +159,20 @@ class Settings(BaseSettings):
             raise ValueError(f"grpc_port ({self.grpc_port}) must differ from port")
         if self.metrics_require_key and self.api_key is None:
             raise ValueError("metrics_require_key needs an api_key to require")
+        if self.compiled_dir is not None and self.runtime == "eager":
+            # compiled_dir alone used to turn AOTInductor on: refuse, rather than run eager without a word.
+            raise ValueError("compiled_dir is read by runtime aotinductor, openvino or int8, and runtime is eager")
+        if isinstance(self.runtime, dict):
+            unknown = sorted(set(self.runtime) - set(self.models))
+            if unknown:
+                raise ValueError(f"runtime names models that models does not serve: {', '.join(unknown)}")
         return self
+
+    def runtime_for(self, model: str | None) -> Runtime:
+        """The runtime of the model served as ``model`` (None: the one model of ``model_path``)."""
+        if isinstance(self.runtime, dict):
+            return self.runtime.get(model or "", "eager")
+        return self.runtime
 
     def public(self) -> dict[str, Any]:
         """The effective settings with secrets masked, for ``GET /v1/config``."""

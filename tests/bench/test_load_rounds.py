@@ -118,6 +118,24 @@ def test_service_oip_over_triton_is_reported_beside_service_over_every_peer() ->
     ]
 
 
+def test_a_runtime_contender_is_the_service_with_that_runtime_and_is_compared_with_the_peers() -> None:
+    commands = server_commands(Path("best.pt"), Path("bundle"), python="py", compiled_dir=Path("artefacts"))
+    command, ready_path = commands["service-int8"]
+    assert command[: len(commands["service"][0])] == commands["service"][0] and ready_path == "/readyz"
+    assert command[-4:] == ["--runtime", "int8", "--compiled-dir", "artefacts"]
+    rows = [
+        *_rows("service", 16, [4.0, 5.0]),
+        *_rows("service-int8", 16, [8.0, 9.0]),
+        *_rows("recipe-user", 16, [2.0, 3.0]),
+    ]
+    ratios = all_ratios(rows, ["service", "service-int8", "recipe-user"])
+    assert [(row["baseline"], row["peer"], row["ratios"]) for row in ratios] == [
+        ("service", "service-int8", [0.5, 0.56]),
+        ("service", "recipe-user", [2.0, 1.67]),
+        ("service-int8", "recipe-user", [4.0, 3.0]),
+    ]
+
+
 def test_the_oip_request_is_the_photo_in_the_binary_extension_as_the_service_parses_it() -> None:
     photo = Payload("photo.jpg", b"\xff\xd8 not really a jpeg \xff\xd9")
     body, headers = oip_payload(photo).encoded

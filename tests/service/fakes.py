@@ -13,8 +13,9 @@ import torch
 from fastapi import FastAPI
 
 from model.checkpoint import ModelMetadata
+from model.letterbox import Shape
 from service.app import create_app
-from service.core.batch_policy import Shape, Timings
+from service.core.batch_policy import Timings
 from service.core.engine import detections_from_rows
 from service.core.images import Letterbox
 from service.core.models import EngineLoader
@@ -50,6 +51,7 @@ class FakeEngine:
         self.batches: list[int] = []
         self.shapes: list[tuple[int, ...]] = []  # the input shapes of each batch run
         self.timings: Timings = {}
+        self.runtime = {"requested": "eager", "shapes": {f"{INPUT_SIZE}x{INPUT_SIZE}": "eager"}, "accuracy": None}
 
     async def batch_started(self, timeout: float = 10) -> None:
         """Return once a batch has entered :meth:`infer` (where ``gate`` holds it); fail after ``timeout`` seconds."""

@@ -248,6 +248,7 @@ def test_info_endpoints(server):
     assert info["classes"] == ["triangle", "star"] and info["akconv_layers"] == 2 and info["device"] == "cpu"
     assert (info["name"], info["checksum"], len(info["weights_sha256"])) == ("yolov10n-akconv", "verified", 64)
     assert info["provenance"]["val_metrics"]["mAP50"] > 0.9 and info["provenance"]["project_version"]
+    assert info["runtime"]["requested"] == "eager" and set(info["runtime"]["shapes"].values()) == {"eager"}
     config = httpx.get(server.url + "/v1/config").json()
     assert config["max_batch_size"] == 8 and config["api_key"] is None
     assert httpx.get(server.url + "/nothing").json()["error"]["code"] == "not_found"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.core.batch_policy import BatchPolicy, measure, served_shapes, winning_sizes
+from service.core.batch_policy import BatchPolicy, measure, winning_sizes
 
 # Seconds of one forward by batch size, as a 2-core CPU measures them: 2 wins a little, 3 loses to 2, 4 wins.
 CPU_LIKE = {1: 0.100, 2: 0.180, 3: 0.300, 4: 0.340}
@@ -83,7 +83,3 @@ def test_zero_rounds_runs_nothing():
     forward = FakeForward(EXACT)
     assert measure(forward, [(64, 64)], max_batch_size=4, rounds=0, clock=forward.clock) == {}
     assert forward.calls == []
-
-
-def test_served_shapes_are_the_square_and_the_common_photo_shapes():
-    assert served_shapes(640) == [(640, 640), (480, 640), (640, 480), (448, 640), (640, 448), (384, 640), (640, 384)]

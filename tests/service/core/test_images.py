@@ -3,10 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.letterbox import letterbox_shape
 from model.synthetic import render
 from service.core import images
 from service.core.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType
-from service.core.images import Decoded, decode, letterbox, letterbox_shape, unletterbox_boxes
+from service.core.images import Decoded, decode, letterbox, unletterbox_boxes
 from tests.image_files import encode
 
 LIMIT = 10_000_000
