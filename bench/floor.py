@@ -74,7 +74,7 @@ def forward_worker(model: str, photos: list[Payload]) -> None:
     from service.core.images import decode, letterbox
     from service.process.settings import Settings
 
-    engine = Engine(Settings(model_path=model), Path(model))
+    engine = Engine(Settings(model_path=model), Path(model), "eager")
     size = engine.input_size
     tensors = [letterbox(decode(photo.body, 10**9, fit=size), size)[0] for photo in photos]
     for tensor in tensors * 2:  # kernels and allocator pools of every shape, as the service's warm-up readies them
@@ -194,11 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = args.variant or [Variant("service", {})]
     logs = Path(tempfile.mkdtemp(prefix="floor-"))
     rows, stage_rows, c16_rows, forwards = [], [], [], []
+    model = str(Path(args.model).resolve())
     with contextlib.ExitStack() as running:
         servers = {}
         for variant in variants:
             port = free_port()
-            model = str(Path(args.model).resolve())
             command = [sys.executable, "-m", "service", "--model-path", model, "--port", str(port)]
             print(f"starting {variant.name} {variant.environment} (log {logs / variant.name}.log)", flush=True)
             process = running.enter_context(
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                     "-m",
                     "bench.floor",
                     "--model",
-                    args.model,
+                    model,
                     "--photos",
                     args.photos,
                     "--forward-worker",

@@ -17,6 +17,17 @@ from typing import Any
 import yaml
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """An argparse type: ``HxW,HxW,...``, distinct, each side a positive multiple of 32."""
+    shapes = []
+    for item in text.split(","):
+        sides = item.strip().split("x")
+        if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 and int(side) % 32 == 0 for side in sides):
+            raise argparse.ArgumentTypeError(f"shapes are HxW with sides multiples of 32, e.g. 640x480; got {item!r}")
+        shapes.append((int(sides[0]), int(sides[1])))
+    return list(dict.fromkeys(shapes))
+
+
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
     """An argparse type: a number of ``kind`` no smaller than ``minimum``."""
 
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "--size", type=int, default=None, help="the service's input_size (default: the model's input size)"
     )
     compile_.add_argument(
-        "--shapes", default=None,
+        "--shapes", type=_shapes, default=None,
         help="input shapes HxW, comma-separated (default: the shapes the service serves compiled at --size, "
         "model.letterbox.common_shapes: square, 4:3, 3:2 and 16:9 both ways; 7 at 640, 640x640 ... 640x384)",
     )  # fmt: skip
@@ -239,10 +250,7 @@ def _compile(args: argparse.Namespace) -> None:
     size = args.size or loaded.metadata.input_size
     from model.letterbox import common_shapes
 
-    if args.shapes:
-        shapes = [tuple(int(side) for side in shape.split("x")) for shape in args.shapes.split(",")]
-    else:
-        shapes = common_shapes(size)  # what the service serves compiled: its warm-up shapes
+    shapes = args.shapes or common_shapes(size)  # what the service serves compiled: its warm-up shapes
     detector = fuse_for_inference(loaded.model).to(memory_format=torch.channels_last)
     calibration = None
     if args.runtime == "int8":

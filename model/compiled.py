@@ -278,10 +278,18 @@ class CompiledDetector:
         self.max_batch = max_batch
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        runner = self.runners.get(tuple(images.shape[2:]))
+        shape = tuple(images.shape[2:])
+        runner = self.runners.get(shape)
         if runner is None or images.shape[0] > self.max_batch:
             return self.eager(images)
-        return runner(images)
+        try:
+            return runner(images)
+        except Exception as error:  # a compiled runtime failing at run time: this shape runs eager from now on
+            del self.runners[shape]
+            log.warning(
+                "compiled model: %dx%d failed (%s); that shape runs eager from now on", *shape, _first_line(error)
+            )
+            return self.eager(images)
 
 
 @dataclass

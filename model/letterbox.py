@@ -3,7 +3,7 @@ centred, padded with grey only as far as the next multiple of the stride on each
 640), and the input shapes photos usually have.
 
 One definition for everything that letterboxes: the service (``service/core/images.py`` fits decoded uploads,
-``service/core/batch_policy.py`` warms up :func:`common_shapes`), ``python -m model compile`` (builds an artefact
+``service/core/models.py`` warms up :func:`common_shapes`), ``python -m model compile`` (builds an artefact
 per common shape) and :mod:`model.quantize` (calibrates and scores int8 on letterboxed images).
 """
 
@@ -57,3 +57,12 @@ def pad(pixels: np.ndarray, shape: Shape) -> tuple[np.ndarray, int, int]:
     # (decode) thread, and any such pool slows the model's forward in the inference thread (bench/README.md,
     # "In-service speed of the forward").
     return np.ascontiguousarray(canvas.transpose(2, 0, 1)), left, top
+
+
+def unletterbox(boxes: np.ndarray, scale: float, pad: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """(n, 4) ``[x1, y1, x2, y2]`` in model-input pixels -> in the pixels of the (height, width) ``size`` image that
+    was resized by ``scale`` and padded by ``pad`` (left, top), clipped to it."""
+    mapped = (boxes - [pad[0], pad[1], pad[0], pad[1]]) / scale
+    mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, size[1])
+    mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, size[0])
+    return mapped

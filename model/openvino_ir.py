@@ -55,7 +55,12 @@ def require(package: str) -> str:
             f"{package} is not installed; the openvino and int8 runtimes need the optional packages openvino and nncf: "
             f"pip install 'akconv-detector[{EXTRA}]'"
         )
-    return importlib.metadata.version(package)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # importable, but not installed by pip (no version to key on)
+        raise MissingExtra(
+            f"{package} is importable but not installed as a package: pip install 'akconv-detector[{EXTRA}]'"
+        ) from None
 
 
 def compiler() -> str:

@@ -32,10 +32,10 @@ letterboxed images, and the record it writes is about the artefact that will ser
 minute a shape for the bundled model at 384 on 2 cores (conversion, calibration, quantization, two passes over the
 held-out images).
 
-nncf (and openvino) are optional dependencies, imported only here and only when building; loading an int8
-artefact needs openvino alone. NNCF's logger is routed to Python's logging at WARNING (it prints to stdout by
-default) and its telemetry is kept off by :mod:`model.offline`; its progress bars (rich) still show while it
-calibrates.
+nncf (and openvino) are optional dependencies, imported only here and only when building; loading an int8 artefact
+imports openvino alone, but needs nncf installed too: its version is part of the artefact's key. NNCF's logger is routed
+to Python's logging at WARNING (it prints to stdout by default) and its telemetry is kept off by :mod:`model.offline`;
+its progress bars (rich) still show while it calibrates.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from PIL import Image, ImageOps
 from model.build import Detector
 from model.checkpoint import METADATA_FILE, read_metadata
 from model.evaluate import score
-from model.letterbox import Shape, fitted_size, pad
+from model.letterbox import Shape, fitted_size, pad, unletterbox
 from model.offline import errors_only
 from model.openvino_ir import CORNERS_MARK, Runner, complete, move_into_place, require
 from model.openvino_ir import compiler as ir_compiler
@@ -162,6 +162,10 @@ class ImageFolder:
             return pixels, None
         label = (self.root / "labels" / item.relative_to(self.root / "images")).with_suffix(".txt")
         rows = np.loadtxt(label, ndmin=2, dtype=np.float64) if label.is_file() else np.zeros((0, 5))
+        if rows.size == 0:  # an empty label file: a background image
+            rows = np.zeros((0, 5))
+        elif rows.shape[1] != 5:
+            raise ValueError(f"{label}: YOLO box labels have 5 columns (class cx cy w h), not {rows.shape[1]}")
         height, width = pixels.shape[:2]
         centre_x, centre_y, box_w, box_h = (rows[:, 1:5] * [width, height, width, height]).T
         corners = np.stack([centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2, centre_y + box_h / 2])
@@ -215,6 +219,8 @@ def plan(names: Sequence[str], calibration: Calibration) -> DataPlan:
         if isinstance(source, ImageFolder) and not source.items():
             where = source.root / "images" if source.labelled else source.root
             raise NoCalibrationData(f"the {what} folder {where} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if isinstance(held_out, ImageFolder) and not (held_out.root / "labels").is_dir():
+        raise NoCalibrationData(f"the held-out folder {held_out.root} has no labels/ beside images/ (YOLO format)")
     return DataPlan(images, held_out)
 
 
@@ -232,14 +238,6 @@ def letterbox(image: np.ndarray, shape: Shape) -> tuple[np.ndarray, float, tuple
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     pixels, left, top = pad(image, shape)
     return pixels, scale, (left, top)
-
-
-def unletterbox(boxes: np.ndarray, scale: float, pad: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """(n, 4) ``[x1, y1, x2, y2]`` in model-input pixels -> in the (height, width) ``size`` image's, clipped."""
-    mapped = (boxes - [pad[0], pad[1], pad[0], pad[1]]) / scale
-    mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, size[1])
-    mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, size[0])
-    return mapped
 
 
 def model_input(pixels: Sequence[np.ndarray]) -> torch.Tensor:

@@ -167,7 +167,7 @@ class Engine:
     """The :class:`EngineProtocol` of a model file: ``model.load``, fused, on the device (channels-last, fp16 on
     CUDA)."""
 
-    def __init__(self, settings: Settings, path: Path | None, runtime: Runtime = "eager") -> None:
+    def __init__(self, settings: Settings, path: Path | None, runtime: Runtime) -> None:
         """The model at ``path`` (None: the bundled model) as ``settings`` say to run it, on ``runtime`` (the
         setting's value for this model: :meth:`Settings.runtime_for`).
 

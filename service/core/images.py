@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.letterbox import fit_scale, fitted_size, letterbox_shape, pad
+from model.letterbox import fit_scale, fitted_size, letterbox_shape, pad, unletterbox
 from service.core.errors import TooManyPixels, UndecodableImage, UnsupportedMediaType, shown
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
@@ -161,7 +161,4 @@ def letterbox(image: Decoded, size: int) -> tuple[torch.Tensor, Letterbox]:
 
 def unletterbox_boxes(boxes: np.ndarray, geometry: Letterbox) -> np.ndarray:
     """Map (n, 4) ``[x1, y1, x2, y2]`` boxes from model-input pixels to original-image pixels, clipped."""
-    mapped = (boxes - [geometry.pad_x, geometry.pad_y, geometry.pad_x, geometry.pad_y]) / geometry.scale
-    mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, geometry.width)
-    mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, geometry.height)
-    return mapped
+    return unletterbox(boxes, geometry.scale, (geometry.pad_x, geometry.pad_y), (geometry.height, geometry.width))

@@ -17,7 +17,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A served model's name goes into URLs (/v2/models/NAME) and metric labels.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # How a model runs on the CPU: PyTorch itself, or an artefact built ahead by ``python -m model compile --runtime``
-# (model.compiled.RUNTIMES; model/README.md, "Runtimes").
+# (model.compiled.RUNTIMES; model/README.md, "Compiled runtimes").
 Runtime = Literal["eager", "aotinductor", "openvino", "int8"]
 
 
@@ -159,10 +159,18 @@ class Settings(BaseSettings):
             raise ValueError(f"grpc_port ({self.grpc_port}) must differ from port")
         if self.metrics_require_key and self.api_key is None:
             raise ValueError("metrics_require_key needs an api_key to require")
-        if self.compiled_dir is not None and self.runtime == "eager":
+        runtimes = set(self.runtime.values()) if isinstance(self.runtime, dict) else {self.runtime}
+        if self.compiled_dir is not None and runtimes <= {"eager"}:
             # compiled_dir alone used to turn AOTInductor on: refuse, rather than run eager without a word.
-            raise ValueError("compiled_dir is read by runtime aotinductor, openvino or int8, and runtime is eager")
+            raise ValueError(
+                "compiled_dir is read by runtime aotinductor, openvino or int8 only: set runtime aotinductor (what "
+                "compiled_dir alone meant before) or leave compiled_dir unset"
+            )
+        if runtimes - {"eager"} and (self.device.startswith("cuda") or self.half):
+            raise ValueError("runtime aotinductor, openvino and int8 run on the CPU in float32: set device cpu or auto")
         if isinstance(self.runtime, dict):
+            if not self.models:
+                raise ValueError("a runtime per model needs models; with model_path give one runtime")
             unknown = sorted(set(self.runtime) - set(self.models))
             if unknown:
                 raise ValueError(f"runtime names models that models does not serve: {', '.join(unknown)}")

@@ -94,6 +94,18 @@ def test_a_runner_takes_its_shape_up_to_the_batch_bound_and_eager_the_rest(tiny)
     assert runner.calls == [(2, 3, *SHAPE)]
 
 
+@torch.inference_mode()
+def test_a_runner_that_fails_at_run_time_leaves_its_shape_to_eager_from_then_on(tiny, caplog):
+    def broken(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("device lost\nmore")
+
+    detector = CompiledDetector(tiny, {SHAPE: broken}, max_batch=2)
+    batch = images(1)
+    torch.testing.assert_close(detector(batch), tiny(batch))
+    assert detector.runners == {}
+    assert "failed (RuntimeError: device lost); that shape runs eager from now on" in caplog.text
+
+
 def test_the_key_changes_with_everything_baked_into_an_artefact(tiny):
     weights, compiler = compiled.weights_sha256(tiny), compiled.aoti_compiler()
     key = artefact_key(weights, SHAPE, 8, compiler)

@@ -1,4 +1,4 @@
-"""The letterbox's geometry; its pixels are tested through the service's letterbox (tests/service/core/test_images.py)."""
+"""The letterbox's geometry; its pixels are also tested through the service's (tests/service/core/test_images.py)."""
 
 import numpy as np
 

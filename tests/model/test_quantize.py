@@ -15,6 +15,7 @@ from model import quantize
 from model.build import fuse_for_inference
 from model.checkpoint import DEFAULT_BUNDLE, WEIGHTS_FILE, file_sha256, load
 from model.compiled import artefact_path, compiled_detector, top_rows_difference, weights_sha256
+from model.letterbox import unletterbox
 from model.quantize import (
     Calibration,
     ImageFolder,
@@ -23,7 +24,6 @@ from model.quantize import (
     letterbox,
     plan,
     record_in_bundle,
-    unletterbox,
     verdict,
 )
 from model.synthetic import CLASS_NAMES
@@ -70,6 +70,9 @@ def test_another_model_without_labelled_held_out_images_is_refused_int8(tmp_path
     empty.mkdir()
     with pytest.raises(NoCalibrationData, match="holds no images"):
         plan(["cat", "dog"], Calibration(images_dir=empty, held_out_dir=tmp_path))
+    with pytest.raises(NoCalibrationData, match="has no labels/ beside images/"):
+        plan(["cat", "dog"], Calibration(images_dir=tmp_path, held_out_dir=tmp_path))
+    (tmp_path / "labels").mkdir()
     data = plan(["cat", "dog"], Calibration(images_dir=tmp_path, held_out_dir=tmp_path))
     assert data.calibration == ImageFolder(tmp_path, 128) and data.held_out == ImageFolder(tmp_path, 200, True)
 
@@ -86,6 +89,11 @@ def test_a_labelled_folder_gives_yolo_labels_in_pixels(tmp_path):
     assert image.shape == (100, 200, 3)
     np.testing.assert_allclose(truth, [[1, 80, 30, 120, 70], [0, 10, 5, 30, 15]])
     assert folder.sample(second, (64, 64))[1].shape == (0, 5)
+    (tmp_path / "labels" / "val" / "b.txt").write_text("")  # an empty label file: a background image
+    assert folder.sample(second, (64, 64))[1].shape == (0, 5)
+    (tmp_path / "labels" / "val" / "b.txt").write_text("0 0.1 0.1 0.2 0.1 0.2 0.2\n")  # a polygon, not a box
+    with pytest.raises(ValueError, match="5 columns"):
+        folder.sample(second, (64, 64))
 
 
 @pytest.mark.parametrize(("width", "height", "size"), [(1280, 720, 384), (810, 1080, 384), (333, 500, 256)])

@@ -50,7 +50,11 @@ def main() -> None:
     settings = settings_from_cli(sys.argv[1:])
     listener = bind_listener(settings.host, settings.port)
     configure_logging(settings.log_level)
-    serve(create_app(settings, [FaultyEngine(settings, settings.model_path)]), settings, listener)
+    serve(
+        create_app(settings, [FaultyEngine(settings, settings.model_path, settings.runtime_for(None))]),
+        settings,
+        listener,
+    )
 
 
 if __name__ == "__main__":

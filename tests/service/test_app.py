@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -188,3 +189,16 @@ def test_a_huge_path_and_request_id_are_logged_short(caplog):
     (access,) = [r for r in caplog.records if r.name == "service.access"]
     assert access.path == "/" + "n" * 96 + "..." and access.endpoint == "unmatched"
     assert access.request_id == response.headers["x-request-id"] and len(access.request_id) <= 64
+
+
+def test_each_model_loads_on_its_own_runtime(monkeypatch):
+    """``load_engine`` (start-up and every swap) hands each model the runtime the settings give it by name."""
+    from service import app as app_module
+    from service.core.models import ModelSource
+
+    built = []
+    monkeypatch.setattr(app_module, "Engine", lambda settings, path, runtime: built.append((path, runtime)))
+    settings = fake_settings(models={"a": "a.pt", "b": "b.pt"}, runtime={"a": "int8"})
+    for name in ("a", "b"):
+        app_module.load_engine(settings, ModelSource(name, Path(f"{name}.pt")))
+    assert built == [(Path("a.pt"), "int8"), (Path("b.pt"), "eager")]

@@ -26,7 +26,7 @@ def test_a_runtime_without_artefacts_runs_eager_and_says_which_shapes(runtime, t
 
 
 def test_eager_describes_every_served_shape():
-    engine = Engine(Settings(), None)
+    engine = Engine(Settings(), None, "eager")
     assert engine.runtime == {
         "requested": "eager",
         "shapes": {f"{height}x{width}": "eager" for height, width in common_shapes(engine.input_size)},

@@ -53,7 +53,7 @@ def test_retired_versions_are_freed_by_the_slot(tmp_path):
     loaded: list[weakref.ref] = []
 
     def load(source: ModelSource) -> Engine:
-        engine = Engine(settings, source.path)
+        engine = Engine(settings, source.path, settings.runtime_for(source.name))
         loaded.append(weakref.ref(engine))
         return engine
 

@@ -30,7 +30,9 @@ def test_cli_flags_override_the_environment(monkeypatch):
         ({"max_batch_size": 16, "max_queue": 8}, "must be >= max_batch_size"),
         ({"default_conf": 1.5}, "less than or equal to 1"),
         ({"runtime": "tensorrt"}, "runtime"),
-        ({"compiled_dir": "/tmp/packages"}, "compiled_dir is read by runtime aotinductor, openvino or int8"),
+        ({"compiled_dir": "/tmp/packages"}, "set runtime aotinductor .what compiled_dir alone meant before."),
+        ({"runtime": "int8", "device": "cuda"}, "run on the CPU in float32: set device cpu or auto"),
+        ({"runtime": {"a": "int8"}}, "a runtime per model needs models"),
         ({"models": {"a": "a.pt"}, "runtime": {"b": "int8"}}, "runtime names models that models does not serve: b"),
     ],
 )
