@@ -389,27 +389,28 @@ def compiled_detector(
         path = cache_dir / f"{artefact_key(weights, shape, max_batch, compiler)}{artefacts.suffix}"
         try:
             state = "loaded"
-            if not artefacts.ready(path):
-                if build_missing:
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    artefacts.build(eager, shape, max_batch, path, BuildInputs(weights, threads, calibration))
-                    state = "built"
-                elif not path.exists():
-                    status[shape] = "eager: no package"
-                    log.warning(
-                        "compiled model: no %s package for %s (batch <= %d) in %s; that shape runs eager (build it: "
-                        "python -m model compile MODEL --runtime %s --size SIZE --shapes %s --max-batch %d "
-                        "--cache-dir %s)",
-                        runtime,
-                        name,
-                        max_batch,
-                        cache_dir,
-                        runtime,
-                        name,
-                        max_batch,
-                        cache_dir,
-                    )
-                    continue
+            # Only a build asks whether the artefact is ready (int8: hashes its bytes against its record); loading
+            # checks the same again, so serving asks once.
+            if build_missing and not artefacts.ready(path):
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                artefacts.build(eager, shape, max_batch, path, BuildInputs(weights, threads, calibration))
+                state = "built"
+            elif not path.exists():
+                status[shape] = "eager: no package"
+                log.warning(
+                    "compiled model: no %s package for %s (batch <= %d) in %s; that shape runs eager (build it: "
+                    "python -m model compile MODEL --runtime %s --size SIZE --shapes %s --max-batch %d "
+                    "--cache-dir %s)",
+                    runtime,
+                    name,
+                    max_batch,
+                    cache_dir,
+                    runtime,
+                    name,
+                    max_batch,
+                    cache_dir,
+                )
+                continue
             record = artefacts.record(path)
             if accuracy is not None and record is not None:
                 accuracy[name] = record
