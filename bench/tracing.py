@@ -56,6 +56,7 @@ class InstantEngine:
 
     name, version, names, input_size, device, dtype = "instant", "1", ["triangle", "star"], SIZE, "cpu", "float32"
     akconv_layers, parameters, checksum = 0, 0, "not applicable"
+    workers = 1
     runtime = {"requested": "eager", "shapes": {f"{SIZE}x{SIZE}": "eager"}, "accuracy": None}
     metadata = ModelMetadata("instant", "1", {}, ["triangle", "star"], SIZE, "ij")
 

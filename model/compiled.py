@@ -143,9 +143,12 @@ def build_aoti(eager: Detector, shape: Shape, max_batch: int, path: Path, inputs
         os.replace(staged, path)
 
 
-def load_aoti(path: Path, threads: int) -> Runner:
-    """Load a package written by :func:`build_aoti` (a fraction of a second); it runs on torch's threads."""
-    package = torch._inductor.aoti_load_package(str(path))
+def load_aoti(path: Path, threads: int, parallel: int) -> Runner:
+    """Load a package written by :func:`build_aoti` (a fraction of a second) for ``parallel`` callers at once; it
+    runs on the calling thread's torch threads."""
+    from torch._inductor.package import load_package  # torch's compiler: imported only by a runtime that needs it
+
+    package = load_package(str(path), num_runners=parallel)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return package(images.contiguous(memory_format=torch.channels_last))
@@ -176,7 +179,8 @@ class RuntimeArtefacts:
             :class:`~model.openvino_ir.MissingExtra` when the runtime's optional packages are not installed.
         suffix: the artefact's file suffix.
         build: writes the artefact of (eager, shape, max_batch) as the given path.
-        load_runner: (path, threads) -> runner; raises for an artefact that cannot or may not serve.
+        load_runner: (path, threads, parallel) -> a runner for ``parallel`` callers at once; raises for an artefact
+            that cannot or may not serve.
         probe_tolerance: max |Δ| of the probe's top rows vs eager; None: its rows are only checked for the contract
             (shape, finite, scores in [0, 1], known classes), its accuracy being gated at build (int8).
         ready: whether an artefact can serve without a build (default: the file exists).
@@ -186,7 +190,7 @@ class RuntimeArtefacts:
     compiler: Callable[[], str]
     suffix: str
     build: Callable[[Detector, Shape, int, Path, BuildInputs], None]
-    load_runner: Callable[[Path, int], Runner]
+    load_runner: Callable[[Path, int, int], Runner]
     probe_tolerance: float | None = PROBE_TOLERANCE
     ready: Callable[[Path], bool] = Path.exists
     record: Callable[[Path], dict[str, Any] | None] = field(default=lambda path: None)
@@ -268,8 +272,8 @@ class CompiledDetector:
     """The eager detector with compiled runners in front of it, by input shape.
 
     Called like :class:`~model.build.Detector` (images float32 (B, 3, H, W) in [0, 1] -> rows (B, K, 6)); a
-    batch whose shape has no runner, or larger than ``max_batch``, runs eager. One caller at a time (the engine's
-    worker thread).
+    batch whose shape has no runner, or larger than ``max_batch``, runs eager. As many callers at once as the runners
+    were loaded for (:func:`compiled_detector`'s ``parallel``: the engine's worker threads).
     """
 
     def __init__(self, eager: Detector, runners: dict[Shape, Runner], max_batch: int) -> None:
@@ -285,7 +289,7 @@ class CompiledDetector:
         try:
             return runner(images)
         except Exception as error:  # a compiled runtime failing at run time: this shape runs eager from now on
-            del self.runners[shape]
+            self.runners.pop(shape, None)  # another caller may have failed on it at the same time
             log.warning(
                 "compiled model: %dx%d failed (%s); that shape runs eager from now on", *shape, _first_line(error)
             )
@@ -330,6 +334,7 @@ def compiled_detector(
     *,
     runtime: str,
     threads: int,
+    parallel: int = 1,
     build_missing: bool = False,
     calibration: Calibration | None = None,
 ) -> Prepared:
@@ -342,6 +347,7 @@ def compiled_detector(
         cache_dir: where artefacts are read from (and built into).
         runtime: one of :data:`RUNTIMES`; ``eager`` loads nothing.
         threads: OpenVINO's inference threads (eager and AOTInductor run on torch's, set apart).
+        parallel: how many callers may run the detector at once (the engine's worker threads).
         build_missing: build the artefacts that are missing (int8: or have no passed accuracy record).
         calibration: int8's calibration and held-out data and its accuracy limit (default: :class:`Calibration`,
             the synthetic splits, for models of the synthetic classes).
@@ -414,7 +420,7 @@ def compiled_detector(
             record = artefacts.record(path)
             if accuracy is not None and record is not None:
                 accuracy[name] = record
-            runner = artefacts.load_runner(path, threads)
+            runner = artefacts.load_runner(path, threads, parallel)
             reason = probe(runner, eager, shape, artefacts.probe_tolerance)
         except (ArtefactRefused, NoCalibrationData, MissingExtra) as refused:  # a reason to say, not a failure
             status[shape] = f"eager: {REFUSALS.get(type(refused)) or refused}"

@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,24 +141,30 @@ def complete(path: Path) -> bool:
     return path.exists() and path.with_suffix(".bin").exists()
 
 
-def load_runner(path: Path, threads: int) -> Runner:
-    """Read and compile the IR at ``path`` for OpenVINO's CPU plugin (about a second); one caller at a time.
+def load_runner(path: Path, threads: int, parallel: int) -> Runner:
+    """Read and compile the IR at ``path`` for OpenVINO's CPU plugin (about a second), for ``parallel`` callers at once.
 
-    ``threads``: OpenVINO's inference threads (its own pool, apart from torch's). Float32 precision even on CPUs
-    with bf16 (the default there): rows stay those of eager for a float32 IR, and an int8 IR runs its float parts
-    as they ran when its accuracy was measured.
+    ``threads``: OpenVINO's inference threads (its own pool, apart from torch's), split among ``parallel`` streams:
+    one stream with all of them when there is one caller (latency), else one stream per caller (throughput). Each
+    calling thread gets its own infer request. Float32 precision even on CPUs with bf16 (the default there): rows stay
+    those of eager for a float32 IR, and an int8 IR runs its float parts as they ran when its accuracy was measured.
     """
     import openvino
 
-    core = openvino.Core()
     config = {
         "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",  # one stream: one batch at a time, all threads on it
+        "PERFORMANCE_HINT": "LATENCY" if parallel == 1 else "THROUGHPUT",
+        "NUM_STREAMS": parallel,
         "INFERENCE_PRECISION_HINT": "f32",
     }
-    request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    requests = threading.local()
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(request.infer({0: images.contiguous().numpy()})[0].copy())  # its buffer is reused
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        outputs = requests.request.infer({0: images.contiguous().numpy()})
+        return torch.from_numpy(outputs[0].copy())  # its buffer is reused
 
     return run

@@ -413,7 +413,7 @@ def ready(artefact: Path) -> bool:
     return complete(artefact) and not refusal(artefact, read_record(artefact))
 
 
-def load_runner(artefact: Path, threads: int) -> Runner:
+def load_runner(artefact: Path, threads: int, parallel: int) -> Runner:
     """The OpenVINO runner of an int8 ``artefact`` whose accuracy gate passed (:func:`refusal`).
 
     Raises:
@@ -422,7 +422,7 @@ def load_runner(artefact: Path, threads: int) -> Runner:
     reason = refusal(artefact, read_record(artefact))
     if reason:
         raise ArtefactRefused(reason)
-    return load_ir_runner(artefact, threads)
+    return load_ir_runner(artefact, threads, parallel)
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

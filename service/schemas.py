@@ -138,6 +138,10 @@ class ModelInfo(BaseModel):
         description="batch sizes by input shape: source (measured at warm-up, or configured when warm-up rounds are "
         "0), max_batch_size, and per shape its allowed batch_sizes and the measured ms and images/s per batch size"
     )
+    workers: int = Field(
+        description="batches the model runs at once (inference_workers), each on a share of its threads; a batch "
+        "that runs alone gets them all"
+    )
 
 
 class Health(BaseModel):

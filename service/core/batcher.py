@@ -3,8 +3,9 @@
 Items batch together only when their ``group_key`` is equal (the pipeline's key is the input's shape). A batch is
 formed from the oldest item's key, so no item waits behind a newer one of another key. It closes when it holds the
 largest size ``batch_sizes(key)`` allows (at most ``max_batch_size``) or when its oldest item has waited
-``max_wait_s``, and then runs the largest allowed size that is waiting. ``run_batch`` (a plain function) runs in a
-single worker thread so the event loop never blocks. Guarantees:
+``max_wait_s``, and then runs the largest allowed size that is waiting. ``run_batch`` (a plain function) runs in one
+of ``workers`` threads so the event loop never blocks: up to ``workers`` batches run at once (Triton's instance
+count), the next batch forming while they run. Guarantees:
 
 - bounded: :meth:`submit` refuses at once with :class:`QueueFull` (and a Retry-After) when the queue is full;
 - deadlines: an item whose deadline passes while queued is dropped before compute (:class:`DeadlineExceeded`);
@@ -74,17 +75,19 @@ class DynamicBatcher(Generic[Item, Result]):
     # The batch sizes a key may run at, ascending, starting at 1; sizes above max_batch_size are never run.
     # By default every size up to max_batch_size.
     batch_sizes: Callable[[Hashable], Sequence[int]] | None = None
+    workers: int = 1  # batches that run at once, each in its own thread
     _queue: collections.deque = field(default_factory=collections.deque, init=False)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # set while nothing is queued or running
     _worker: asyncio.Task | None = field(default=None, init=False)
+    _running: set[asyncio.Task] = field(default_factory=set, init=False)  # batches running now
     _executor: ThreadPoolExecutor | None = field(default=None, init=False)
     _batch_seconds: float = field(default=0.1, init=False)  # moving average of a batch's run time
     _accepting: bool = field(default=False, init=False)
 
     def start(self) -> None:
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._accepting = True
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
@@ -96,6 +99,7 @@ class DynamicBatcher(Generic[Item, Result]):
         if self._worker:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)  # batches already computing answer their items
         while self._queue:
             self._resolve(self._queue.popleft(), error=NotReady("the server is shutting down"))
         if self._executor:
@@ -107,10 +111,10 @@ class DynamicBatcher(Generic[Item, Result]):
 
     def retry_after_seconds(self) -> int:
         """How long until the queue has room again: the batches the queue makes (at the largest size its oldest
-        item's key runs at) times the measured batch time."""
+        item's key runs at) times the measured batch time, over the workers that run them."""
         largest = self._allowed_sizes(self._queue[0].key)[-1] if self._queue else self.max_batch_size
         batches = math.ceil((len(self._queue) + 1) / largest)
-        return max(1, math.ceil(batches * self._batch_seconds))
+        return max(1, math.ceil(batches * self._batch_seconds / self.workers))
 
     async def submit(self, item: Item, deadline: float, trace_attributes: dict[str, Any] | None = None) -> Result:
         """Queue ``item`` and wait for its result. ``deadline`` is a ``time.monotonic()`` value; ``trace_attributes``
@@ -145,7 +149,8 @@ class DynamicBatcher(Generic[Item, Result]):
             self._discard_abandoned()
             if self._queue:
                 break
-            self._idle.set()
+            if not self._running:
+                self._idle.set()
             self._wakeup.clear()
             await self._wakeup.wait()
         oldest = self._queue[0]
@@ -195,38 +200,55 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue = kept
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Form batches while a worker is free; each batch runs as its own task."""
+        free_workers = asyncio.Semaphore(self.workers)
         while True:
+            await free_workers.acquire()
             batch = await self._next_batch()
             if not batch:
+                free_workers.release()
                 continue
-            started = time.monotonic()
-            forward = tracing.start_batch("forward", (pending.span for pending in batch))
-            for pending in batch:
-                pending.started = True
-                with tracing.using(pending.span):  # the histogram's exemplar
-                    self.observer.queue_wait(started - pending.enqueued_at)
-                tracing.end_span(pending.span, batch=forward)
-            failure = None
-            try:
-                run_batch = tracing.bound(self.run_batch, forward)
-                results = await loop.run_in_executor(self._executor, run_batch, [p.item for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            except Exception as error:  # noqa: BLE001  (the worker must survive any batch)
-                failure = error
-                with tracing.using(forward):
-                    log.exception("inference batch failed", extra={"batch_size": len(batch)})
-                for pending in batch:
-                    self._resolve(pending, error=InferenceFailed(f"inference failed: {type(error).__name__}"))
-            else:
-                for pending, result in zip(batch, results, strict=True):
-                    self._resolve(pending, result=result)
-            seconds = time.monotonic() - started
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            task = asyncio.get_running_loop().create_task(self._run(batch), name="batch")
+            self._running.add(task)
+            task.add_done_callback(lambda done: self._finished(done, free_workers))
+
+    def _finished(self, task: asyncio.Task, free_workers: asyncio.Semaphore) -> None:
+        self._running.discard(task)
+        free_workers.release()
+        if not self._queue and not self._running:
+            self._idle.set()
+
+    async def _run(self, batch: list[Pending]) -> None:
+        """Run one batch in a worker thread and answer each of its items."""
+        started = time.monotonic()
+        forward = tracing.start_batch("forward", (pending.span for pending in batch))
+        for pending in batch:
+            pending.started = True
+            with tracing.using(pending.span):  # the histogram's exemplar
+                self.observer.queue_wait(started - pending.enqueued_at)
+            tracing.end_span(pending.span, batch=forward)
+        failure = None
+        try:
+            run_batch = tracing.bound(self.run_batch, forward)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, run_batch, [p.item for p in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except Exception as error:  # noqa: BLE001  (the worker must survive any batch)
+            failure = error
             with tracing.using(forward):
-                self.observer.batch(len(batch), seconds)
-            tracing.end_span(forward, failure)
+                log.exception("inference batch failed", extra={"batch_size": len(batch)})
+            for pending in batch:
+                self._resolve(pending, error=InferenceFailed(f"inference failed: {type(error).__name__}"))
+        else:
+            for pending, result in zip(batch, results, strict=True):
+                self._resolve(pending, result=result)
+        seconds = time.monotonic() - started
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        with tracing.using(forward):
+            self.observer.batch(len(batch), seconds)
+        tracing.end_span(forward, failure)
 
     @staticmethod
     def _resolve(pending: Pending, result: Any = None, error: Exception | None = None) -> None:

@@ -9,7 +9,12 @@ NMS.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +36,8 @@ log = logging.getLogger(__name__)
 class EngineProtocol(Protocol):
     """What the service needs of a model engine.
 
-    ``infer`` runs in the batcher's single worker thread; everything else is called from the event loop.
+    ``infer`` runs in the batcher's worker threads (:attr:`workers` of them); everything else is called from the
+    event loop.
     """
 
     @property
@@ -65,6 +71,10 @@ class EngineProtocol(Protocol):
 
     @property
     def akconv_layers(self) -> int: ...
+
+    @property
+    def workers(self) -> int:
+        """Batches the engine runs at once, each from its own thread (``infer`` is safe to call concurrently)."""
 
     @property
     def runtime(self) -> dict[str, Any]:
@@ -136,11 +146,11 @@ def detections_from_rows(
 
 
 def compiled(
-    detector: Detector, shapes: list[Shape], settings: Settings, runtime: Runtime
+    detector: Detector, shapes: list[Shape], settings: Settings, runtime: Runtime, workers: int
 ) -> tuple[CompiledDetector, dict[str, Any]]:
     """``detector`` with the ``runtime``'s artefacts of ``shapes`` from ``settings.compiled_dir`` in front of it
-    (``model/compiled.py``), and the :attr:`EngineProtocol.runtime` description; a shape without a usable artefact
-    runs eager, with a warning saying why."""
+    (``model/compiled.py``), ready for ``workers`` callers at once, and the :attr:`EngineProtocol.runtime`
+    description; a shape without a usable artefact runs eager, with a warning saying why."""
     prepared = compiled_detector(
         detector,
         shapes,
@@ -148,10 +158,56 @@ def compiled(
         settings.compiled_dir or DEFAULT_CACHE_DIR,
         runtime=runtime,
         threads=torch.get_num_threads(),
+        parallel=workers,
     )
     status = {f"{height}x{width}": state for (height, width), state in prepared.status.items()}
     log.info("compiled model", extra={"runtime": runtime, "shapes": status, "seconds": round(prepared.seconds, 1)})
     return prepared.detector, {"requested": runtime, "shapes": status, "accuracy": prepared.accuracy}
+
+
+class ForwardThreads:
+    """The model's CPU threads shared among the forwards running at once, in every engine of the process.
+
+    A forward that runs alone gets all the threads: a lone request's latency. While others run, each forward that
+    starts gets its share (at least one), and they run side by side. On a CPU, two threads do not run one forward
+    twice as fast as one: on the 2-core VM, the seed recipe's S model at 640×480 took 153 ms a forward on two
+    threads and 169 ms on one, and two one-thread forwards side by side served 10.4 images/s against 6.5 for one
+    forward at a time and 8.1 for batches of 4 (bench/README.md, "Forwards side by side"). Torch's thread count is
+    per thread (OpenMP's), so each worker thread sets its own before its forward.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def share(self, threads: int) -> Iterator[int]:
+        """Run a forward of a model given ``threads`` in all: sets the calling thread's torch threads to its share
+        (``threads`` over the forwards running, this one included) and yields it."""
+        with self._lock:
+            self._running += 1
+            share = max(1, threads // self._running)
+        try:
+            if torch.get_num_threads() != share:
+                torch.set_num_threads(share)
+            yield share
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+FORWARD_THREADS = ForwardThreads()
+# On a CPU, forwards side by side by default: two of them (Triton's default instance count on a CPU). On a GPU one
+# at a time: its batches are large, and two would only contend for one device.
+DEFAULT_CPU_WORKERS = 2
+
+
+def sharing_weights(detector: Detector | CompiledDetector) -> Detector | CompiledDetector:
+    """A copy of ``detector`` whose modules are its own and whose parameters and buffers are ``detector``'s (no
+    tensor memory is copied; compiled runners are shared, as functions are by ``copy``)."""
+    eager = detector.eager if isinstance(detector, CompiledDetector) else detector
+    shared = {id(tensor): tensor for tensor in itertools.chain(eager.parameters(), eager.buffers())}
+    return copy.deepcopy(detector, shared)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,6 +231,8 @@ class Engine:
         """
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
+        self.threads = torch.get_num_threads()  # the model's threads in all, shared by its forwards at once
+        self._threads_local = threading.local()
         loaded = load(path)
         self.metadata = loaded.metadata
         self.checksum = loaded.checksum  # "verified", "not recorded" (format 1 bundle) or "not applicable" (.pt)
@@ -182,6 +240,9 @@ class Engine:
         self.torch_device = resolve_device(settings.device)
         half = settings.half if settings.half is not None else self.torch_device.type == "cuda"
         self.torch_dtype = torch.float16 if half else torch.float32
+        self.workers = settings.inference_workers or (
+            1 if self.torch_device.type == "cuda" else min(DEFAULT_CPU_WORKERS, self.threads)
+        )
         self.input_size = settings.input_size or loaded.metadata.input_size
         self.akconv_layers = len(akconv_layers(loaded.model))
         self.parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -196,7 +257,7 @@ class Engine:
             "accuracy": None,
         }
         if runtime != "eager":
-            self.detector, self.runtime = compiled(self.detector, shapes, settings, runtime)
+            self.detector, self.runtime = compiled(self.detector, shapes, settings, runtime, self.workers)
 
     @property
     def name(self) -> str:
@@ -232,8 +293,18 @@ class Engine:
         batch = torch.stack(images)  # (B, 3, H, W) uint8
         if self.torch_device.type == "cuda":
             batch = batch.pin_memory().to(self.torch_device, non_blocking=True)
-        batch = batch.to(self.torch_dtype).div_(255).contiguous(memory_format=torch.channels_last)
-        return self.detector(batch).float().cpu()
+        with FORWARD_THREADS.share(self.threads):
+            batch = batch.to(self.torch_dtype).div_(255).contiguous(memory_format=torch.channels_last)
+            return self._thread_detector()(batch).float().cpu()
+
+    def _thread_detector(self) -> Detector | CompiledDetector:
+        """The calling thread's copy of :attr:`detector`, made at its first forward: the same weights, its own
+        modules. Ultralytics' head caches the anchors of the last input shape in its attributes, so two threads
+        running one module on different shapes would decode with each other's anchors."""
+        detector = getattr(self._threads_local, "detector", None)
+        if detector is None:
+            detector = self._threads_local.detector = sharing_weights(self.detector)
+        return detector
 
     def detections(
         self, rows: torch.Tensor, geometry: Letterbox, conf: float, classes: set[int] | None, max_det: int

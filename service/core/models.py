@@ -13,8 +13,8 @@ what it holds (its batcher drains once its last lease is returned), is dropped, 
 operating system (:func:`release_memory`), so that swaps leave the process's memory flat. A failed load leaves the
 live version serving and says why. Readiness never depends on a swap.
 
-Each version has its own batcher and inference thread; versions and models share the process's torch threads and
-its admission budgets (docs/RELIABILITY.md).
+Each version has its own batcher and inference threads (the engine's ``workers``); versions and models share the
+process's torch threads (:class:`service.core.engine.ForwardThreads`) and its admission budgets (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -235,6 +235,7 @@ class ModelSlot:
             observer=self._observer(),
             group_key=lambda image: tuple(image.shape[1:]),  # (3, H, W) -> (H, W): a batch holds one input shape
             batch_sizes=policy.batch_sizes,
+            workers=engine.workers,
         )
         batcher.start()
         return ServedVersion(self.name, engine, policy, batcher)

@@ -249,6 +249,7 @@ async def model_info(model: ModelDep) -> ModelInfo:
         provenance=engine.metadata.provenance,
         runtime=engine.runtime,
         batch_policy=live.policy.describe(),
+        workers=engine.workers,
     )
 
 

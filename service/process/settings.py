@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         "as the installation",
     )
     intra_op_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+    inference_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="batches a model runs at once, sharing its threads (a lone batch gets them all); default: 2 on a "
+        "CPU (1 with one thread), 1 on a GPU",
+    )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding and letterboxing images")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="request headers (431 beyond)")
     header_timeout_s: float = Field(

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,7 +65,7 @@ def prepare(detector, cache_dir: Path, runtime: str = "aotinductor", max_batch: 
 
 def with_runner(monkeypatch, runtime: str, runner) -> None:
     """Make ``runtime`` load ``runner`` for any artefact (its other steps unchanged)."""
-    loads = dataclasses.replace(ARTEFACTS[runtime], load_runner=lambda path, threads: runner)
+    loads = dataclasses.replace(ARTEFACTS[runtime], load_runner=lambda path, threads, parallel: runner)
     monkeypatch.setitem(ARTEFACTS, runtime, loads)
 
 
@@ -233,7 +234,7 @@ class BoxesMoved:
 def test_an_int8_artefact_whose_gate_passed_serves_though_its_rows_differ_from_eager(tiny, tmp_path, monkeypatch):
     artefact = Int8Artefact(tiny, tmp_path)
     record = artefact.record()
-    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads: BoxesMoved(tiny))
+    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads, parallel: BoxesMoved(tiny))
     prepared = prepare(tiny, tmp_path, "int8")
     assert prepared.status == {SHAPE: "loaded"}
     assert prepared.accuracy == {"64x96": record}
@@ -255,7 +256,9 @@ def test_an_int8_artefact_without_a_passed_record_of_its_bytes_runs_eager(
 ):
     artefact = Int8Artefact(tiny, tmp_path)
     record = artefact.record(**record_fields) if record_fields is not None else None
-    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads: pytest.fail("a refused artefact is loaded"))
+    monkeypatch.setattr(
+        quantize, "load_ir_runner", lambda path, threads, parallel: pytest.fail("a refused artefact is loaded")
+    )
     with caplog.at_level(logging.WARNING, logger="model.compiled"):
         prepared = prepare(tiny, tmp_path, "int8")
     assert prepared.status == {SHAPE: status}
@@ -282,7 +285,7 @@ def test_int8_rows_must_keep_the_contract(tiny, tmp_path, monkeypatch, column, v
         rows[:, 0, column] = value
         return rows
 
-    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads: broken)
+    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads, parallel: broken)
     assert prepare(tiny, tmp_path, "int8").status == {SHAPE: status}
 
 
@@ -297,7 +300,7 @@ def test_building_int8_rebuilds_an_artefact_whose_gate_refused_it(tiny, tmp_path
         Int8Artefact(eager, tmp_path).record()
 
     monkeypatch.setitem(ARTEFACTS, "int8", dataclasses.replace(ARTEFACTS["int8"], build=build))
-    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads: BoxesMoved(tiny))
+    monkeypatch.setattr(quantize, "load_ir_runner", lambda path, threads, parallel: BoxesMoved(tiny))
     calibration = quantize.Calibration(max_map_drop=2.0)
     prepared = prepare(tiny, tmp_path, "int8", build_missing=True, calibration=calibration)
     assert builds == [(SHAPE, 8, calibration)]
@@ -339,6 +342,25 @@ def test_built_once_then_loaded_rows_match_eager_at_every_batch_size(tiny, tmp_p
         out = loaded.detector(images(batch))
         assert out.shape == rows.shape
         assert top_rows_difference(out.numpy(), rows.numpy()) < 1e-3
+    assert_callers_side_by_side_get_eager_rows(tiny, prepare(tiny, tmp_path, max_batch=4, parallel=2))
+
+
+def assert_callers_side_by_side_get_eager_rows(eager, prepared) -> None:
+    """Four threads, two at a time, call the detector loaded for two callers: each gets eager's rows."""
+    assert prepared.status == {SHAPE: "loaded"}
+    batches = [images(batch) for batch in (1, 2, 1, 2)]
+    with torch.inference_mode():
+        expected = [eager(batch) for batch in batches]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(prepared.detector, batches))
+    for rows, reference in zip(answers, expected, strict=True):
+        assert top_rows_difference(rows.numpy(), reference.numpy()) < 1e-3
+
+
+@needs_openvino
+def test_an_openvino_model_loaded_for_two_callers_answers_both_at_once(tiny, tmp_path: Path):
+    prepare(tiny, tmp_path, "openvino", max_batch=2, build_missing=True)
+    assert_callers_side_by_side_get_eager_rows(tiny, prepare(tiny, tmp_path, "openvino", max_batch=2, parallel=2))
 
 
 def test_the_compile_command_builds_the_served_shapes_or_those_given_and_fails_when_one_runs_eager(

@@ -38,6 +38,7 @@ class FakeEngine:
     device = "cpu"
     dtype = "float32"
     akconv_layers = 0
+    workers = 1
     parameters = 0
     checksum = "not applicable"
 

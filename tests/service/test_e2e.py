@@ -251,6 +251,7 @@ def test_info_endpoints(server):
     assert info["runtime"]["requested"] == "eager" and set(info["runtime"]["shapes"].values()) == {"eager"}
     config = httpx.get(server.url + "/v1/config").json()
     assert config["max_batch_size"] == 8 and config["api_key"] is None
+    assert info["workers"] == min(2, config["threads"]["intra_op_threads"]) and config["inference_workers"] is None
     assert httpx.get(server.url + "/nothing").json()["error"]["code"] == "not_found"
     assert "/detect" in httpx.get(server.url + "/openapi.json").json()["paths"]
 

@@ -254,3 +254,94 @@ def test_retry_after_counts_batches_at_the_sizes_the_policy_runs():
         return refused.value
 
     assert run(scenario()).headers["Retry-After"] == "2"
+
+
+class Overlap:
+    """Records how many batches run at once; each batch waits until ``release`` is set."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.release = threading.Event()
+
+    def __call__(self, items):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.release.wait(5)
+        with self.lock:
+            self.running -= 1
+        return [2 * item for item in items]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_up_to_workers_batches_run_at_once(workers):
+    """Six lone items with batch size 1: ``workers`` batches run side by side, never more, and all are answered."""
+
+    async def scenario():
+        model = Overlap()
+        batcher, recorder = make(model, max_batch_size=1, max_wait_s=0, workers=workers)
+        tasks = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(6)]
+        await asyncio.sleep(0.2)
+        running_while_held = model.running
+        model.release.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return running_while_held, model.most, results, recorder.sizes
+
+    running_while_held, most, results, sizes = run(scenario())
+    assert running_while_held == most == workers
+    assert results == [0, 2, 4, 6, 8, 10] and sizes == [1] * 6
+
+
+def test_stop_waits_for_every_running_batch():
+    """Two batches running in two workers when ``stop`` is called: both are answered before it returns."""
+
+    async def scenario():
+        model = Overlap()
+        batcher, _ = make(model, max_batch_size=1, max_wait_s=0, workers=2)
+        tasks = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(2)]
+        await asyncio.sleep(0.1)
+        assert model.running == 2
+        stopping = asyncio.ensure_future(batcher.stop(drain=True))
+        await asyncio.sleep(0.1)
+        assert not stopping.done(), "stop returned while batches were running"
+        model.release.set()
+        await stopping
+        return [task.result() for task in tasks if task.done()]
+
+    assert run(scenario()) == [0, 2]
+
+
+def test_a_failing_batch_leaves_the_other_worker_running():
+    async def scenario():
+        model = FakeModel(poison=13)
+        batcher, _ = make(model, max_batch_size=1, max_wait_s=0, workers=2)
+        answers = await asyncio.gather(*(batcher.submit(i, far()) for i in (13, 1, 2, 3)), return_exceptions=True)
+        await batcher.stop()
+        return answers
+
+    failed, *served = run(scenario())
+    assert isinstance(failed, InferenceFailed) and served == [2, 4, 6]
+
+
+def test_retry_after_divides_the_queue_among_the_workers():
+    """The same 16 queued items as above, 2 workers: 1 s."""
+
+    async def scenario():
+        model = FakeModel()
+        model.gate.clear()
+        batcher, _ = make(model, max_batch_size=8, max_wait_s=0, max_queue=16, batch_sizes=lambda key: [1], workers=2)
+        running = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(2)]
+        await asyncio.sleep(0.05)  # items 0 and 1 are in the workers
+        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(2, 18)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(18, far())
+        model.gate.set()
+        await asyncio.gather(*running, *queued)
+        await batcher.stop()
+        return refused.value
+
+    assert run(scenario()).headers["Retry-After"] == "1"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from model.letterbox import common_shapes
-from service.core.engine import Engine
+from service.core.engine import Engine, ForwardThreads
 from service.process.settings import Settings
 
 
@@ -32,3 +35,69 @@ def test_eager_describes_every_served_shape():
         "shapes": {f"{height}x{width}": "eager" for height, width in common_shapes(engine.input_size)},
         "accuracy": None,
     }
+
+
+def test_a_forward_alone_gets_every_thread_and_forwards_side_by_side_share_them():
+    """The first forward gets all 4 threads; a second one starting while it runs gets 2, and sets torch's threads
+    of its own thread to them; once both are done a forward gets 4 again."""
+    forwards = ForwardThreads()
+    first_in, second_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with forwards.share(4) as threads:
+            seen["first"] = (threads, torch.get_num_threads())
+            first_in.set()
+            second_done.wait(5)
+
+    def second():
+        first_in.wait(5)
+        with forwards.share(4) as threads:
+            seen["second"] = (threads, torch.get_num_threads())
+        second_done.set()
+
+    workers = [threading.Thread(target=first), threading.Thread(target=second)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    with forwards.share(4) as alone:
+        pass
+    assert seen == {"first": (4, 4), "second": (2, 2)} and alone == 4
+
+
+def test_forwards_never_get_fewer_than_one_thread():
+    forwards = ForwardThreads()
+    with forwards.share(2), forwards.share(2), forwards.share(2) as third:
+        assert third == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "workers"),
+    [
+        ({"intra_op_threads": 2}, 2),
+        ({"intra_op_threads": 1}, 1),
+        ({"inference_workers": 3}, 3),
+        ({"intra_op_threads": 1, "inference_workers": 2}, 2),
+    ],
+)
+def test_workers_default_to_two_on_a_cpu_with_two_threads_unless_set(options, workers):
+    threads = torch.get_num_threads()
+    try:
+        assert Engine(Settings(**options), None, "eager").workers == workers
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_answers_from_workers_side_by_side_equal_answers_one_at_a_time():
+    """Two threads running the real engine at once on two shapes answer what each answers alone."""
+    engine = Engine(Settings(warmup_rounds=0), None, "eager")
+    inputs = [
+        [torch.randint(0, 255, (3, 384, 288), dtype=torch.uint8)],
+        [torch.randint(0, 255, (3, 224, 384), dtype=torch.uint8)],
+    ]
+    alone = [engine.infer(images) for images in inputs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(engine.infer, inputs * 2))
+    for rows, expected in zip(together, alone * 2, strict=True):
+        torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-3)
