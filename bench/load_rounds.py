@@ -3,7 +3,8 @@
     python -m bench.load_rounds --recipe-model BEST.pt --bundle BUNDLE_DIR [--rounds 3] [--duration 5]
         [--concurrency 1,4,16]
         [--servers service,service-oip,recipe-user,litserve-recipe,plain-fastapi,litserve,triton]
-        [--triton-queue-delays 5000] [--triton-python .venv-triton/bin/python] [--max-requests 2000] [--name s640]
+        [--triton-queue-delays 5000] [--triton-instances 1] [--triton-python .venv-triton/bin/python]
+        [--max-requests 2000] [--name s640]
         [--compiled-dir DIR]
 
 Every server is started first and stays up (each in its own process group, on its own loopback port). Then each
@@ -27,7 +28,8 @@ Contenders (``--servers`` picks some; ``service`` always runs, the baseline):
   (``BUNDLE_DIR``, same architecture), as before;
 - ``triton``: :mod:`bench.peers.triton_peer` (PyTriton, Triton's dynamic batcher) on the same checkpoint, in its own
   virtualenv (``make triton-venv``), loaded with the same OIP requests as ``service-oip``. With several
-  ``--triton-queue-delays`` (µs) one Triton server runs per delay, named ``triton-qDELAY``.
+  ``--triton-queue-delays`` (µs) one Triton server runs per delay, named ``triton-qDELAY``; with several
+  ``--triton-instances`` (its instance group count) one per count, named ``triton-iCOUNT`` (both: ``triton-qD-iC``).
 
 Each server gets an environment built here from a few variables of this one (``PATH``, ``HOME``, locale,
 ``TMPDIR``): nothing inherited decides its threads (a parent that imported ultralytics has ``OMP_NUM_THREADS=1``).
@@ -108,11 +110,19 @@ class Slot:
     server: str
 
 
-def triton_names(queue_delays_us: Sequence[int]) -> list[str]:
-    """The Triton servers' names: ``triton`` for one queue delay, ``triton-qDELAY`` for each of several."""
-    if len(queue_delays_us) == 1:
-        return [TRITON]
-    return [f"{TRITON}-q{delay}" for delay in queue_delays_us]
+def triton_setups(queue_delays_us: Sequence[int], instances: Sequence[int] = (1,)) -> dict[str, tuple[int, int]]:
+    """The Triton servers, name -> (queue delay µs, instances), one per pair: ``triton`` when there is one, else
+    the name says what varies (``triton-qDELAY``, ``triton-iCOUNT``, ``triton-qDELAY-iCOUNT``)."""
+    setups = {}
+    for delay in queue_delays_us:
+        for count in instances:
+            name = (
+                TRITON
+                + (f"-q{delay}" if len(queue_delays_us) > 1 else "")
+                + (f"-i{count}" if len(instances) > 1 else "")
+            )
+            setups[name] = (delay, count)
+    return setups
 
 
 def server_commands(
@@ -120,10 +130,11 @@ def server_commands(
     bundle: Path,
     python: str = sys.executable,
     triton_python: str = str(TRITON_PYTHON),
-    triton_queue_delays_us: Sequence[int] = (5000,),
+    triton_setups: dict[str, tuple[int, int]] | None = None,
     compiled_dir: Path | None = None,
 ) -> dict[str, tuple[list[str], str]]:
-    """Name -> (command without ``--port``, readiness path) for every server this tool knows."""
+    """Name -> (command without ``--port``, readiness path) for every server this tool knows; Triton's as
+    ``triton_setups`` (default: one, 5,000 µs and one instance) say."""
     triton = [triton_python, "-m", "bench.peers.triton_peer", "--model", str(recipe_model)]
     triton += ["--model-name", TRITON_MODEL_NAME]
     service = [python, "-m", "service", "--model-path", str(recipe_model)]
@@ -142,15 +153,15 @@ def server_commands(
         "plain-fastapi": ([python, "-m", "bench.peers.plain_fastapi", "--model", str(bundle)], "/health"),
         "litserve": ([python, "-m", "bench.peers.litserve_server", "--model", str(bundle)], "/health"),
         **{
-            name: ([*triton, "--queue-delay-us", str(delay)], TRITON_READY_PATH)
-            for name, delay in zip(triton_names(triton_queue_delays_us), triton_queue_delays_us, strict=True)
+            name: ([*triton, "--queue-delay-us", str(delay), "--instances", str(count)], TRITON_READY_PATH)
+            for name, (delay, count) in (triton_setups or {TRITON: (5000, 1)}).items()
         },
     }
 
 
 def contenders(names: Sequence[str], triton_servers: Sequence[str]) -> list[Contender]:
     """The contenders ``--servers`` names, in its order: ``service-oip`` is the service's process on its OIP door,
-    ``triton`` every Triton server (one per queue delay), the others a server each on ``/detect``."""
+    ``triton`` every Triton server (one per setup), the others a server each on ``/detect``."""
     chosen = []
     for name in names:
         if name == SERVICE_OIP:
@@ -337,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--triton-queue-delays", default="5000", help="Triton's max_queue_delay_microseconds; several: one server each"
     )
+    parser.add_argument(
+        "--triton-instances", default="1", help="Triton's instance group count; several: one server each"
+    )
     parser.add_argument("--triton-python", type=Path, default=TRITON_PYTHON, help="the Python of make triton-venv")
     parser.add_argument("--max-requests", type=int, default=2000, help="a run stops after this many requests")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between runs, for queues to drain")
@@ -346,12 +360,16 @@ def main(argv: list[str] | None = None) -> None:
     delays = [int(delay) for delay in args.triton_queue_delays.split(",") if delay.strip()]
     if not delays or len(set(delays)) < len(delays):
         parser.error("--triton-queue-delays: one or more distinct delays in microseconds")
-    tritons = triton_names(delays)
+    instances = [int(count) for count in args.triton_instances.split(",") if count.strip()]
+    if not instances or len(set(instances)) < len(instances) or min(instances) < 1:
+        parser.error("--triton-instances: one or more distinct counts, each at least 1")
+    setups = triton_setups(delays, instances)
+    tritons = list(setups)
     commands = server_commands(
         args.recipe_model,
         args.bundle,
         triton_python=str(args.triton_python),
-        triton_queue_delays_us=delays,
+        triton_setups=setups,
         compiled_dir=args.compiled_dir,
     )
     known = [name for name in commands if name not in tritons] + [SERVICE_OIP, TRITON]

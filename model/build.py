@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -29,6 +30,8 @@ from ultralytics.utils.torch_utils import initialize_weights
 
 from model.akconv import AKConv, Indexing
 from model.config_check import ACTIVATIONS, ConfigError, check_config
+
+CopiedT = TypeVar("CopiedT")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 AKCONV_MODULE = "AKConv"
@@ -181,3 +184,14 @@ def fuse_for_inference(model: DetectionModel) -> Detector:
     for layer in akconv_layers(model):
         layer.fuse()
     return Detector(model.eval()).eval()
+
+
+def sharing_weights(copied: CopiedT, weights: nn.Module) -> CopiedT:
+    """A deep copy of ``copied`` (a detector, or what holds one) that shares the parameters and buffers of
+    ``weights``: its modules are its own, no tensor memory is copied. Functions inside are shared, as ``copy`` does.
+
+    For threads running one model at once: ultralytics' head caches the anchors of the last input shape in its
+    attributes, so two threads running one module on different shapes would decode with each other's anchors.
+    """
+    shared = {id(tensor): tensor for tensor in itertools.chain(weights.parameters(), weights.buffers())}
+    return copy.deepcopy(copied, shared)

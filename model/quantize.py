@@ -480,7 +480,7 @@ def build_int8(
         staged = Path(scratch) / path.name
         save_ir(quantized, staged)
         scores = held_out_scores(
-            {"fp32": eager, "int8": load_ir_runner(staged, threads)}, data.held_out, shape, min(max_batch, 8)
+            {"fp32": eager, "int8": load_ir_runner(staged, threads, 1)}, data.held_out, shape, min(max_batch, 8)
         )
         record = {
             "artefact": path.name,

@@ -2,13 +2,17 @@
 
     .venv-triton/bin/python -m bench.peers.triton_peer [--model BEST.pt|BUNDLE_DIR] [--port 8005] [--grpc-port N]
         [--metrics-port N] [--model-name NAME] [--max-batch-size 8] [--preferred-batch-sizes 4,8]
-        [--queue-delay-us 5000] [--conf 0.25] [--max-det 100]
+        [--queue-delay-us 5000] [--instances 1] [--conf 0.25] [--max-det 100]
 
 What a Triton user writes for this model: PyTriton binds a Python callable as a Triton model, and Triton's own HTTP and
 gRPC front ends, scheduler and dynamic batcher serve it. Triton's batcher collects requests up to ``max_batch_size``,
 preferring the ``preferred_batch_size`` sizes, each request waiting at most ``max_queue_delay_microseconds`` for one to
 fill (bench/README.md, "Triton (PyTriton 0.7.0) as a peer", says how the default delay was chosen). The batch reaches
-the callable (``@batch``) as one array; one model instance runs one batch at a time.
+the callable (``@batch``) as one array; one model instance runs one batch at a time. ``--instances N`` is Triton's
+instance group count: N callables, each with its own copy of the model's modules (the weights shared; ultralytics'
+head caches per-shape anchors, so one module cannot run two shapes at once) and its share of the cores (torch threads
+set in its thread at its first call), the way the service runs its ``inference_workers``. The default, one instance
+on every core, is what a Triton user writes without tuning.
 
 The model, as Triton's protocol sees it — the service's ``/v2`` door's (:mod:`service.doors.oip`), so that one client
 calls both:
@@ -53,7 +57,11 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from bench.processes import free_port
-from model import fuse_for_inference, load  # configures ultralytics (offline, threads) before importing it
+from model import (
+    fuse_for_inference,
+    load,
+    sharing_weights,
+)  # configures ultralytics (offline, threads) before importing it
 from service.core.images import Letterbox, decode, letterbox, unletterbox_boxes
 
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default max_image_pixels
@@ -80,11 +88,13 @@ def detection_outputs(
     return {"num_dets": num_dets, "det_boxes": boxes, "det_scores": scores, "det_classes": classes}
 
 
-def infer_function(detector: torch.nn.Module, input_size: int, conf: float, max_det: int):
-    """The callable Triton runs: a batch of encoded files in, the four outputs out."""
+def infer_function(detector: torch.nn.Module, input_size: int, conf: float, max_det: int, threads: int):
+    """The callable Triton runs: a batch of encoded files in, the four outputs out, on ``threads`` torch threads."""
 
     @batch
     def infer(IMAGE: np.ndarray) -> dict[str, np.ndarray]:  # noqa: N803 (the input's name)
+        if torch.get_num_threads() != threads:  # torch's threads are per thread: this instance's own
+            torch.set_num_threads(threads)
         files = [bytes(element[0]) for element in IMAGE]  # IMAGE: (B, 1), the encoded files
         prepared = [letterbox(decode(data, MAX_IMAGE_PIXELS, fit=input_size), input_size) for data in files]
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -129,9 +139,13 @@ def serve(args: argparse.Namespace) -> None:
         max_queue_delay_microseconds=args.queue_delay_us, preferred_batch_size=args.preferred_batch_sizes
     )
     with Triton(config=config) as triton:
+        threads = max(1, torch.get_num_threads() // args.instances)
         triton.bind(
             model_name=args.model_name,
-            infer_func=infer_function(detector, input_size, args.conf, args.max_det),
+            infer_func=[
+                infer_function(sharing_weights(detector, detector), input_size, args.conf, args.max_det, threads)
+                for _ in range(args.instances)
+            ],
             inputs=[Tensor(name="IMAGE", dtype=bytes, shape=(1,))],
             outputs=[
                 Tensor(name="num_dets", dtype=np.int32, shape=(1,)),
@@ -145,8 +159,8 @@ def serve(args: argparse.Namespace) -> None:
         print(
             f"triton: model {args.model_name} ({loaded.metadata.name}, input {input_size}) on 127.0.0.1:{args.port} "
             f"(gRPC {config.grpc_port}), max_batch_size {args.max_batch_size}, preferred "
-            f"{args.preferred_batch_sizes}, queue delay {args.queue_delay_us} us, torch threads "
-            f"{torch.get_num_threads()}",
+            f"{args.preferred_batch_sizes}, queue delay {args.queue_delay_us} us, {args.instances} instance(s) on "
+            f"{threads} torch thread(s) each",
             flush=True,
         )
         triton.serve()
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--queue-delay-us", type=int, default=5000, help="max_queue_delay_microseconds (bench/README.md: measured)"
     )
+    parser.add_argument("--instances", type=int, default=1, help="model instances (Triton's instance group count)")
     parser.add_argument("--conf", type=float, default=0.25, help="the service's default_conf")
     parser.add_argument("--max-det", type=int, default=100, help="K, the service's max_detections")
     args = parser.parse_args(argv)

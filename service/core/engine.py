@@ -10,8 +10,6 @@ NMS.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from model import Detector, akconv_layers, fuse_for_inference, load
+from model import Detector, akconv_layers, fuse_for_inference, load, sharing_weights
 from model.checkpoint import ModelMetadata
 from model.compiled import DEFAULT_CACHE_DIR, CompiledDetector, compiled_detector
 from model.letterbox import Shape, common_shapes
@@ -146,18 +144,19 @@ def detections_from_rows(
 
 
 def compiled(
-    detector: Detector, shapes: list[Shape], settings: Settings, runtime: Runtime, workers: int
+    detector: Detector, shapes: list[Shape], settings: Settings, runtime: Runtime, threads: int, workers: int
 ) -> tuple[CompiledDetector, dict[str, Any]]:
     """``detector`` with the ``runtime``'s artefacts of ``shapes`` from ``settings.compiled_dir`` in front of it
-    (``model/compiled.py``), ready for ``workers`` callers at once, and the :attr:`EngineProtocol.runtime`
-    description; a shape without a usable artefact runs eager, with a warning saying why."""
+    (``model/compiled.py``), ready for ``workers`` callers at once on ``threads`` in all, and the
+    :attr:`EngineProtocol.runtime` description; a shape without a usable artefact runs eager, with a warning saying
+    why."""
     prepared = compiled_detector(
         detector,
         shapes,
         settings.max_batch_size,
         settings.compiled_dir or DEFAULT_CACHE_DIR,
         runtime=runtime,
-        threads=torch.get_num_threads(),
+        threads=threads,
         parallel=workers,
     )
     status = {f"{height}x{width}": state for (height, width), state in prepared.status.items()}
@@ -177,6 +176,9 @@ class ForwardThreads:
     """
 
     def __init__(self) -> None:
+        # Torch's threads as the process started with them, read where this is made (at import, on the main
+        # thread): a thread started later takes the count some other thread set last, a worker's share perhaps.
+        self.process_threads = torch.get_num_threads()
         self._running = 0
         self._lock = threading.Lock()
 
@@ -202,14 +204,6 @@ FORWARD_THREADS = ForwardThreads()
 DEFAULT_CPU_WORKERS = 2
 
 
-def sharing_weights(detector: Detector | CompiledDetector) -> Detector | CompiledDetector:
-    """A copy of ``detector`` whose modules are its own and whose parameters and buffers are ``detector``'s (no
-    tensor memory is copied; compiled runners are shared, as functions are by ``copy``)."""
-    eager = detector.eager if isinstance(detector, CompiledDetector) else detector
-    shared = {id(tensor): tensor for tensor in itertools.chain(eager.parameters(), eager.buffers())}
-    return copy.deepcopy(detector, shared)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,7 +225,9 @@ class Engine:
         """
         if settings.intra_op_threads:
             torch.set_num_threads(settings.intra_op_threads)
-        self.threads = torch.get_num_threads()  # the model's threads in all, shared by its forwards at once
+        # The model's threads in all, shared by its forwards at once. Not the calling thread's count: a swap loads
+        # in a worker thread, whose count may be a running forward's share.
+        self.threads = settings.intra_op_threads or FORWARD_THREADS.process_threads
         self._threads_local = threading.local()
         loaded = load(path)
         self.metadata = loaded.metadata
@@ -257,7 +253,7 @@ class Engine:
             "accuracy": None,
         }
         if runtime != "eager":
-            self.detector, self.runtime = compiled(self.detector, shapes, settings, runtime, self.workers)
+            self.detector, self.runtime = compiled(self.detector, shapes, settings, runtime, self.threads, self.workers)
 
     @property
     def name(self) -> str:
@@ -303,7 +299,8 @@ class Engine:
         running one module on different shapes would decode with each other's anchors."""
         detector = getattr(self._threads_local, "detector", None)
         if detector is None:
-            detector = self._threads_local.detector = sharing_weights(self.detector)
+            eager = self.detector.eager if isinstance(self.detector, CompiledDetector) else self.detector
+            detector = self._threads_local.detector = sharing_weights(self.detector, eager)
         return detector
 
     def detections(

@@ -23,7 +23,7 @@ from bench.load_rounds import (
     schedule,
     server_commands,
     triton_mean_batch,
-    triton_names,
+    triton_setups,
 )
 from service.doors.oip import HEADER_LENGTH, parse_infer_request
 
@@ -85,22 +85,34 @@ def test_servers_never_inherit_thread_settings(monkeypatch: pytest.MonkeyPatch) 
     assert environment["PATH"]
 
 
-def test_service_oip_is_the_service_process_on_its_v2_door_and_triton_one_server_per_queue_delay() -> None:
-    assert contenders(["service", "service-oip", "recipe-user", "triton"], triton_names([0, 2000])) == [
+def test_service_oip_is_the_service_process_on_its_v2_door_and_triton_one_server_per_setup() -> None:
+    assert contenders(["service", "service-oip", "recipe-user", "triton"], list(triton_setups([0, 2000]))) == [
         Contender("service", "service", "detect"),
         Contender("service-oip", "service", "oip"),
         Contender("recipe-user", "recipe-user", "detect"),
         Contender("triton-q0", "triton-q0", "oip"),
         Contender("triton-q2000", "triton-q2000", "oip"),
     ]
-    assert triton_names([5000]) == ["triton"]
+    assert triton_setups([5000]) == {"triton": (5000, 1)}
+    assert triton_setups([5000], [1, 2]) == {"triton-i1": (5000, 1), "triton-i2": (5000, 2)}
+    assert list(triton_setups([0, 5000], [1, 2])) == [
+        "triton-q0-i1",
+        "triton-q0-i2",
+        "triton-q5000-i1",
+        "triton-q5000-i2",
+    ]
 
 
-def test_triton_runs_in_its_own_python_on_the_same_checkpoint_with_its_queue_delay() -> None:
+def test_triton_runs_in_its_own_python_on_the_same_checkpoint_with_its_queue_delay_and_instances() -> None:
     commands = server_commands(
-        Path("best.pt"), Path("bundle"), python="py", triton_python="triton-py", triton_queue_delays_us=[0, 2000]
+        Path("best.pt"),
+        Path("bundle"),
+        python="py",
+        triton_python="triton-py",
+        triton_setups=triton_setups([0, 2000], [1, 2]),
     )
-    command, ready_path = commands["triton-q2000"]
+    command, ready_path = commands["triton-q2000-i2"]
+    assert command[command.index("--instances") + 1] == "2"
     assert command[:3] == ["triton-py", "-m", "bench.peers.triton_peer"]
     assert command[command.index("--model") + 1] == "best.pt" == commands["service"][0][-1]
     assert command[command.index("--queue-delay-us") + 1] == "2000"

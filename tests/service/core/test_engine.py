@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.letterbox import common_shapes
-from service.core.engine import Engine, ForwardThreads
+from service.core.engine import FORWARD_THREADS, Engine, ForwardThreads
 from service.process.settings import Settings
 
 
@@ -101,3 +101,18 @@ def test_answers_from_workers_side_by_side_equal_answers_one_at_a_time():
         together = list(pool.map(engine.infer, inputs * 2))
     for rows, expected in zip(together, alone * 2, strict=True):
         torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_an_engine_loaded_in_a_thread_running_on_a_share_takes_the_process_threads():
+    """A swap loads the new engine in a worker thread whose torch threads may be a forward's share (1): the engine
+    still shares the threads the process started with."""
+    engines = []
+
+    def load_on_one_thread():
+        torch.set_num_threads(1)
+        engines.append(Engine(Settings(warmup_rounds=0), None, "eager"))
+
+    loader = threading.Thread(target=load_on_one_thread)
+    loader.start()
+    loader.join(60)
+    assert engines[0].threads == FORWARD_THREADS.process_threads
