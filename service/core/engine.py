@@ -197,6 +197,18 @@ class ForwardThreads:
             with self._lock:
                 self._running -= 1
 
+    @contextlib.contextmanager
+    def alongside(self, forwards: int) -> Iterator[None]:
+        """Count ``forwards`` more as running while inside: forwards started meanwhile get the share they would get
+        beside them (warm-up times batches as they run under load)."""
+        with self._lock:
+            self._running += forwards
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= forwards
+
 
 FORWARD_THREADS = ForwardThreads()
 # On a CPU, forwards side by side by default: two of them (Triton's default instance count on a CPU). On a GPU one
@@ -275,12 +287,18 @@ class Engine:
         check_rows(self.infer(grey_images(shape, 1)), 1)
 
     def warm_up(self, shapes: list[Shape], max_batch_size: int, rounds: int) -> Timings:
-        """Time grey images of each shape at each batch size, which also readies kernels and allocator pools."""
+        """Time grey images of each shape at each batch size, which also readies kernels and allocator pools.
+
+        Each forward runs on the threads it gets under load, beside the other workers' forwards: batches form only
+        when requests queue, and then every worker is busy. On one of two threads a larger batch costs more per
+        image than on both (bench/README.md, "Forwards side by side"), so a policy timed on all threads would batch
+        where batching loses."""
 
         def forward(shape: Shape, batch_size: int) -> None:
             self.infer(grey_images(shape, batch_size))
 
-        return measure(forward, shapes, max_batch_size, rounds)
+        with FORWARD_THREADS.alongside(self.workers - 1):
+            return measure(forward, shapes, max_batch_size, rounds)
 
     @torch.inference_mode()
     def infer(self, images: list[torch.Tensor]) -> torch.Tensor:

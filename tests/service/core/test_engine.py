@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.letterbox import common_shapes
-from service.core.engine import FORWARD_THREADS, Engine, ForwardThreads
+from service.core.engine import FORWARD_THREADS, Engine, ForwardThreads, grey_images
 from service.process.settings import Settings
 
 
@@ -116,3 +116,27 @@ def test_an_engine_loaded_in_a_thread_running_on_a_share_takes_the_process_threa
     loader.start()
     loader.join(60)
     assert engines[0].threads == FORWARD_THREADS.process_threads
+
+
+def test_forwards_alongside_others_get_the_share_they_would_get_beside_them():
+    forwards = ForwardThreads()
+    with forwards.alongside(1), forwards.share(2) as beside:
+        pass
+    with forwards.share(2) as alone:
+        pass
+    assert (beside, alone) == (1, 2)
+
+
+def test_warm_up_times_each_forward_on_a_workers_share_of_the_threads(monkeypatch):
+    """Two workers on two threads: the batch policy is timed on one thread, as batches run under load."""
+    engine = Engine(Settings(intra_op_threads=2, warmup_rounds=0), None, "eager")
+    seen = []
+    monkeypatch.setattr(
+        engine,
+        "_thread_detector",
+        lambda: lambda batch: seen.append(torch.get_num_threads()) or torch.zeros(len(batch), 1, 6),
+    )
+    engine.warm_up([(64, 64)], max_batch_size=2, rounds=1)
+    assert engine.workers == 2 and seen and set(seen) == {1}
+    engine.infer(grey_images((64, 64), 1))
+    assert seen[-1] == 2, "a forward alone gets every thread"
