@@ -1,4 +1,4 @@
-"""Dynamic batching: an asyncio queue in front of one inference thread. Knows nothing of images or models.
+"""Dynamic batching: an asyncio queue in front of inference threads. Knows nothing of images or models.
 
 Items batch together only when their ``group_key`` is equal (the pipeline's key is the input's shape). A batch is
 formed from the oldest item's key, so no item waits behind a newer one of another key. It closes when it holds the
@@ -15,7 +15,7 @@ count), the next batch forming while they run. Guarantees:
 
 When tracing is on (:mod:`service.process.tracing`), each item waits in a ``queue_wait`` span (a child of the span
 current at :meth:`submit`) that names the batch it ran in, and each batch runs in one ``forward`` span linked to its
-items' spans, current on the inference thread.
+items' spans, current on the inference thread that runs it.
 """
 
 from __future__ import annotations

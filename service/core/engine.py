@@ -169,10 +169,9 @@ class ForwardThreads:
 
     A forward that runs alone gets all the threads: a lone request's latency. While others run, each forward that
     starts gets its share (at least one), and they run side by side. On a CPU, two threads do not run one forward
-    twice as fast as one: on the 2-core VM, the seed recipe's S model at 640×480 took 153 ms a forward on two
-    threads and 169 ms on one, and two one-thread forwards side by side served 10.4 images/s against 6.5 for one
-    forward at a time and 8.1 for batches of 4 (bench/README.md, "Forwards side by side"). Torch's thread count is
-    per thread (OpenMP's), so each worker thread sets its own before its forward.
+    twice as fast as one does, so two forwards on one thread each serve more images than one forward at a time on
+    both: on the 2-core VM, 1.2–1.3× at concurrency 16 (bench/README.md, "Forwards side by side"). Torch's thread
+    count is per thread (OpenMP's), so each worker thread sets its own before its forward.
     """
 
     def __init__(self) -> None:

@@ -70,7 +70,7 @@ _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_t
 def trim_allocator() -> None:
     """Give the free pages of the allocator's arenas back to the operating system (``malloc_trim(0)``); blocking,
     without the GIL (a worker thread). glibc keeps freed memory in its arenas (one per thread that allocated: the
-    loader, the warm-up, each version's inference thread), which loading, checking and warming up a model leave
+    loader, the warm-up, each version's inference threads), which loading, checking and warming up a model leave
     fragmented: the bundled model served twice was 1,195 MiB resident once ready, 892 MiB with this at the end of
     the start."""
     if _MALLOC_TRIM is not None:
