@@ -57,11 +57,9 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from bench.processes import free_port
-from model import (
-    fuse_for_inference,
-    load,
-    sharing_weights,
-)  # configures ultralytics (offline, threads) before importing it
+
+# Importing model configures ultralytics (offline, threads) before importing it.
+from model import fuse_for_inference, load, sharing_weights
 from service.core.images import Letterbox, decode, letterbox, unletterbox_boxes
 
 MAX_IMAGE_PIXELS = 40_000_000  # the service's default max_image_pixels

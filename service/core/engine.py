@@ -170,7 +170,7 @@ class ForwardThreads:
     A forward that runs alone gets all the threads: a lone request's latency. While others run, each forward that
     starts gets its share (at least one), and they run side by side. On a CPU, two threads do not run one forward
     twice as fast as one does, so two forwards on one thread each serve more images than one forward at a time on
-    both: on the 2-core VM, 1.2–1.3× at concurrency 16 (bench/README.md, "Forwards side by side"). Torch's thread
+    both: on the 2-core VM, 1.12–1.28× at concurrency 16 (bench/README.md, "Forwards side by side"). Torch's thread
     count is per thread (OpenMP's), so each worker thread sets its own before its forward.
     """
 
@@ -185,16 +185,11 @@ class ForwardThreads:
     def share(self, threads: int) -> Iterator[int]:
         """Run a forward of a model given ``threads`` in all: sets the calling thread's torch threads to its share
         (``threads`` over the forwards running, this one included) and yields it."""
-        with self._lock:
-            self._running += 1
+        with self.alongside(1):
             share = max(1, threads // self._running)
-        try:
             if torch.get_num_threads() != share:
                 torch.set_num_threads(share)
             yield share
-        finally:
-            with self._lock:
-                self._running -= 1
 
     @contextlib.contextmanager
     def alongside(self, forwards: int) -> Iterator[None]:
@@ -210,8 +205,8 @@ class ForwardThreads:
 
 
 FORWARD_THREADS = ForwardThreads()
-# On a CPU, forwards side by side by default: two of them (Triton's default instance count on a CPU). On a GPU one
-# at a time: its batches are large, and two would only contend for one device.
+# On a CPU, two forwards side by side by default: measured on 2 cores (bench/README.md, "Forwards side by side").
+# On a GPU one at a time: its batches are large, and two would only contend for one device.
 DEFAULT_CPU_WORKERS = 2
 
 

@@ -78,32 +78,37 @@ def test_flood_is_refused_at_the_bound_and_everything_accepted_is_answered(serve
 
 
 def test_clients_gone_while_queued_are_skipped(server, client, record):
-    """While a slow batch holds the worker, five clients queue and hang up: none of their images is computed,
-    each is counted as client_gone, and a patient client behind them is answered."""
+    """While slow batches hold every inference worker, five clients queue and hang up: none of their images is
+    computed, each is counted as client_gone, and a patient client behind them is answered."""
     before = metrics(client)
+    workers = client.get("/v1/model").json()["workers"]
 
-    async def scenario() -> tuple[httpx.Response, list, httpx.Response]:
-        slow = asyncio.ensure_future(post_many(server.url, [marker_png(SLOW)]))
-        started = metric_value(before, QUEUE_WAITS)
-        for _ in range(200):  # until the slow image has left the queue for the worker (10 s at most)
-            if metric_value(await asyncio.to_thread(metrics, client), QUEUE_WAITS) > started:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the slow image never reached the worker")
+    async def scenario() -> tuple[list[httpx.Response], list, httpx.Response]:
+        slow = []
+        for held in range(1, workers + 1):  # one at a time, so that each slow image is a batch of its own
+            slow.append(asyncio.ensure_future(post_many(server.url, [marker_png(SLOW)])))
+            for _ in range(200):  # until it has left the queue for a worker (10 s at most)
+                if (
+                    metric_value(await asyncio.to_thread(metrics, client), QUEUE_WAITS)
+                    >= metric_value(before, QUEUE_WAITS) + held
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("a slow image never reached a worker")
         impatient = await post_many(server.url, [IMAGE] * 5, timeout=SLOW_SECONDS / 3)
         patient = await post_many(server.url, [IMAGE])
-        return (await slow)[0], impatient, patient[0]
+        return [(await answer)[0] for answer in slow], impatient, patient[0]
 
     slow, impatient, patient = asyncio.run(scenario())
-    assert slow.status_code == 200 and patient.status_code == 200, (slow.text, patient.text)
+    assert all(answer.status_code == 200 for answer in slow) and patient.status_code == 200, patient.text
     assert all(isinstance(outcome, httpx.TimeoutException) for outcome in impatient), impatient
     time.sleep(0.2)  # the server notices the last disconnect
     after = metrics(client)
     gone = 'detector_rejected_total{reason="client_gone"}'
     assert metric_value(after, gone) - metric_value(before, gone) == 5
-    assert images_computed(after) - images_computed(before) == 2  # the slow image and the patient one
-    record("client_gone", hung_up=5, computed_of_them=0, others_answered=2)
+    assert images_computed(after) - images_computed(before) == workers + 1  # the slow images and the patient one
+    record("client_gone", hung_up=5, computed_of_them=0, others_answered=workers + 1)
 
 
 def test_a_failing_batch_fails_only_its_requests(server, client, record):
