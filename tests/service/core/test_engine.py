@@ -14,6 +14,14 @@ from service.core.engine import FORWARD_THREADS, Engine, ForwardThreads, grey_im
 from service.process.settings import Settings
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """Forwards set the calling thread's torch threads (here the test's): give the next test what this one had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("runtime", ["aotinductor", "openvino", "int8"])
 def test_a_runtime_without_artefacts_runs_eager_and_says_which_shapes(runtime, tmp_path, caplog):
     """A runtime whose folder holds no artefact for this model leaves every shape eager, with a warning per shape,
@@ -82,11 +90,7 @@ def test_forwards_never_get_fewer_than_one_thread():
     ],
 )
 def test_workers_default_to_two_on_a_cpu_with_two_threads_unless_set(options, workers):
-    threads = torch.get_num_threads()
-    try:
-        assert Engine(Settings(**options), None, "eager").workers == workers
-    finally:
-        torch.set_num_threads(threads)
+    assert Engine(Settings(**options), None, "eager").workers == workers
 
 
 def test_answers_from_workers_side_by_side_equal_answers_one_at_a_time():
