@@ -284,9 +284,8 @@ class Engine:
         """Time grey images of each shape at each batch size, which also readies kernels and allocator pools.
 
         Each forward runs on the threads it gets under load, beside the other workers' forwards: batches form only
-        when requests queue, and then every worker is busy. On one of two threads a larger batch costs more per
-        image than on both (bench/README.md, "Forwards side by side"), so a policy timed on all threads would batch
-        where batching loses."""
+        when requests queue, and then every worker is busy, so that is the cost the policy should weigh. (On the
+        2-core VM this did not change the mean batch measurably: bench/README.md, "Forwards side by side".)"""
 
         def forward(shape: Shape, batch_size: int) -> None:
             self.infer(grey_images(shape, batch_size))
@@ -307,8 +306,7 @@ class Engine:
 
     def _thread_detector(self) -> Detector | CompiledDetector:
         """The calling thread's copy of :attr:`detector`, made at its first forward: the same weights, its own
-        modules. Ultralytics' head caches the anchors of the last input shape in its attributes, so two threads
-        running one module on different shapes would decode with each other's anchors."""
+        modules (:func:`model.sharing_weights` says why)."""
         detector = getattr(self._threads_local, "detector", None)
         if detector is None:
             eager = self.detector.eager if isinstance(self.detector, CompiledDetector) else self.detector

@@ -234,26 +234,29 @@ def test_max_batch_size_bounds_the_allowed_sizes():
     assert batches == [[0], [1], [2], [3]]
 
 
-def test_retry_after_counts_batches_at_the_sizes_the_policy_runs():
+@pytest.mark.parametrize(("workers", "retry_after"), [(1, "2"), (2, "1")])
+def test_retry_after_counts_batches_at_the_sizes_the_policy_runs_over_the_workers(workers, retry_after):
     """A policy that runs batch 1 only drains a full queue one item per batch: 16 queued at the default 0.1 s a
-    batch is 2 s, not the 1 s that batches of max_batch_size (8) would take."""
+    batch is 2 s with one worker, not the 1 s that batches of max_batch_size (8) would take; two workers halve it."""
 
     async def scenario():
         model = FakeModel()
         model.gate.clear()
-        batcher, _ = make(model, max_batch_size=8, max_wait_s=0, max_queue=16, batch_sizes=lambda key: [1])
-        running = asyncio.ensure_future(batcher.submit(0, far()))
-        await asyncio.sleep(0.05)  # item 0 is in the worker
-        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(1, 17)]
+        batcher, _ = make(
+            model, max_batch_size=8, max_wait_s=0, max_queue=16, batch_sizes=lambda key: [1], workers=workers
+        )
+        running = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(workers)]
+        await asyncio.sleep(0.05)  # one item in each worker
+        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(workers, workers + 16)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull) as refused:
-            await batcher.submit(17, far())
+            await batcher.submit(workers + 16, far())
         model.gate.set()
-        await asyncio.gather(running, *queued)
+        await asyncio.gather(*running, *queued)
         await batcher.stop()
         return refused.value
 
-    assert run(scenario()).headers["Retry-After"] == "2"
+    assert run(scenario()).headers["Retry-After"] == retry_after
 
 
 class Overlap:
@@ -324,24 +327,3 @@ def test_a_failing_batch_leaves_the_other_worker_running():
 
     failed, *served = run(scenario())
     assert isinstance(failed, InferenceFailed) and served == [2, 4, 6]
-
-
-def test_retry_after_divides_the_queue_among_the_workers():
-    """The same 16 queued items as above, 2 workers: 1 s."""
-
-    async def scenario():
-        model = FakeModel()
-        model.gate.clear()
-        batcher, _ = make(model, max_batch_size=8, max_wait_s=0, max_queue=16, batch_sizes=lambda key: [1], workers=2)
-        running = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(2)]
-        await asyncio.sleep(0.05)  # items 0 and 1 are in the workers
-        queued = [asyncio.ensure_future(batcher.submit(i, far())) for i in range(2, 18)]
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFull) as refused:
-            await batcher.submit(18, far())
-        model.gate.set()
-        await asyncio.gather(*running, *queued)
-        await batcher.stop()
-        return refused.value
-
-    assert run(scenario()).headers["Retry-After"] == "1"
